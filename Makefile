@@ -1,0 +1,62 @@
+# Streaming data pipeline for multihead vision training on WebDataset shards.
+# Run `make help` for the targets. Everything runs inside ./.venv, created on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+
+DATASET ?= vimh
+DATA    ?= data
+SRC     ?=
+OUT     ?= $(DATA)/shards/$(DATASET)
+DEMO_SRC := $(DATA)/sources/vimh-32x32x3_demo
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo shards validate train bench test lint
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	touch $@
+
+install: $(STAMP) ## Create .venv and install the project with its test tools (pinned by requirements.lock)
+
+$(DEMO_SRC)/vimh_dataset_info.json: | $(STAMP)
+	$(BIN)/shards generate $(DEMO_SRC) --train 4096 --test 1024 --size 32x32x3 --heads 2
+
+demo: $(STAMP) $(DEMO_SRC)/vimh_dataset_info.json ## Main job end to end on a built-in synthetic VIMH source
+	$(BIN)/shards convert vimh $(DEMO_SRC) $(DATA)/shards/demo --max-samples 1024
+	$(BIN)/shards validate $(DATA)/shards/demo --decode
+	$(BIN)/shards inspect $(DATA)/shards/demo --grid $(DATA)/shards/demo/grid.png
+
+shards: $(STAMP) ## Convert a source: make shards DATASET=vimh [SRC=dir] [OUT=dir]
+	@if [ "$(DATASET)" != "vimh" ]; then echo "DATASET=$(DATASET): only vimh is supported so far"; exit 2; fi
+	@if [ -z "$(SRC)" ]; then $(MAKE) --no-print-directory $(DEMO_SRC)/vimh_dataset_info.json; fi
+	$(BIN)/shards convert $(DATASET) $(or $(SRC),$(DEMO_SRC)) $(OUT)
+
+validate: $(STAMP) ## Validate shards: make validate [OUT=dir] (decodes every image)
+	$(BIN)/shards validate $(OUT) --decode --json $(OUT)/validation.json
+
+train: $(STAMP) ## Train a multihead model (not built yet: see issue 4)
+	@echo "make train: the trainer is not built yet (issue 4)"; exit 2
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev,bench]"
+	touch $@
+
+bench: $(BENCH_STAMP) ## Benchmarks against webdataset, litdata and mosaicml-streaming (writes docs/bench/)
+	$(BIN)/python -m benchmarks.bench_convert
+
+test: $(STAMP) ## Run the test suite (add PYTEST_ARGS="-m slow" for the slow tests only)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff on everything; mypy on pipeline/ and shard_tools/
+	$(BIN)/ruff check .
+	$(BIN)/mypy

@@ -1,0 +1,19 @@
+"""The bottom layer: schema, shard header, manifests, label encoding, readers and stages."""
+
+from pipeline.errors import (
+    ConversionError,
+    HeaderMismatchError,
+    ManifestError,
+    PipelineError,
+    SchemaError,
+    ShardFormatError,
+)
+from pipeline.header import HEADER_MEMBER, read_header
+from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
+from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
+
+__all__ = [
+    "HEADER_MEMBER", "MANIFEST_NAME", "ConversionError", "DatasetSchema", "FixedParameter", "Head",
+    "HeaderMismatchError", "ImageSpec", "Manifest", "ManifestError", "PipelineError",
+    "Provenance", "SchemaError", "ShardFormatError", "ShardInfo", "read_header", "read_manifest",
+]

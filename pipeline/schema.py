@@ -1,0 +1,303 @@
+"""The one schema object: dataset, image spec and label heads, as frozen dataclasses.
+
+A :class:`DatasetSchema` is built by a converter, written into every shard's header,
+read back by the loader and handed to the datamodule and model. Its JSON form is the
+normative header payload described in ``docs/shard-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pipeline.errors import SchemaError
+
+FORMAT_NAME = "multihead-shards"
+FORMAT_VERSION = "1.0"
+ENCODINGS = ("raw", "png", "jpg")
+LAYOUTS = ("CHW", "HWC")
+HEAD_KINDS = ("class", "quantized")
+QUANTIZATION_LEVELS = 256
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def _require(ok: bool, where: str, expected: object, found: object) -> None:
+    if not ok:
+        raise SchemaError(f"{where}: expected {expected}, found {found!r}")
+
+
+def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise SchemaError(f"{where}.{key}: missing (expected {_kind_name(kind)})")
+    value = d[key]
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    _require(ok, f"{where}.{key}", _kind_name(kind), value)
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def quantized_num_classes(minimum: float, maximum: float, step: float | None) -> int:
+    """Classes of a quantized head: ``round((max-min)/step)+1`` when step > 0, else 256."""
+    if step is None or step <= 0:
+        return QUANTIZATION_LEVELS
+    return round((maximum - minimum) / step) + 1
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Shape and storage of every image of a dataset (pixels are uint8)."""
+
+    height: int
+    width: int
+    channels: int
+    encoding: str = "raw"
+    layout: str = "CHW"
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "channels"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"image.{name}", "int >= 1", value)
+        _require(self.channels in (1, 3, 4) or self.encoding == "raw",
+                 "image.channels", "1, 3 or 4 for encoded images", self.channels)
+        _require(self.encoding in ENCODINGS, "image.encoding", " | ".join(ENCODINGS), self.encoding)
+        _require(self.layout in LAYOUTS, "image.layout", " | ".join(LAYOUTS), self.layout)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of one decoded image in bytes."""
+        return self.height * self.width * self.channels
+
+    @property
+    def shape_chw(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def describe(self) -> str:
+        return f"{self.height}x{self.width}x{self.channels} {self.encoding} {self.layout}"
+
+
+@dataclass(frozen=True)
+class Head:
+    """One label head. ``class`` heads store a class index; ``quantized`` heads store a
+    byte ``q`` in 0..levels-1 that maps to a real value in [min, max] and to a class."""
+
+    name: str
+    kind: str
+    num_classes: int
+    source_id: int | None = None
+    description: str = ""
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    levels: int | None = None
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        where = f"head {self.name!r}"
+        _require(isinstance(self.name, str) and bool(_NAME_RE.match(self.name)),
+                 "head.name", "an identifier ([A-Za-z][A-Za-z0-9_]*)", self.name)
+        _require(self.kind in HEAD_KINDS, f"{where}.kind", " | ".join(HEAD_KINDS), self.kind)
+        _require(isinstance(self.num_classes, int) and self.num_classes >= 1,
+                 f"{where}.num_classes", "int >= 1", self.num_classes)
+        _require(not self.class_names or len(self.class_names) == self.num_classes,
+                 f"{where}.class_names", f"{self.num_classes} names", len(self.class_names))
+        if self.kind == "quantized":
+            self._check_quantized(where)
+
+    def _check_quantized(self, where: str) -> None:
+        lo, hi = self.min, self.max
+        _require(isinstance(lo, (int, float)) and math.isfinite(lo), f"{where}.min", "a finite number", lo)
+        _require(isinstance(hi, (int, float)) and math.isfinite(hi) and hi > lo,  # type: ignore[operator]
+                 f"{where}.max", f"a finite number > min ({lo})", hi)
+        _require(self.levels == QUANTIZATION_LEVELS, f"{where}.levels", QUANTIZATION_LEVELS, self.levels)
+        expected = quantized_num_classes(lo, hi, self.step)  # type: ignore[arg-type]
+        _require(self.num_classes == expected, f"{where}.num_classes",
+                 f"{expected} (from min, max and step)", self.num_classes)
+
+    @classmethod
+    def quantized(cls, name: str, minimum: float, maximum: float, step: float | None = None,
+                  **kwargs: Any) -> Head:
+        """A quantized head whose class count follows from min, max and step."""
+        step = step if step is not None and step > 0 else None
+        return cls(name=name, kind="quantized", min=float(minimum), max=float(maximum),
+                   step=None if step is None else float(step), levels=QUANTIZATION_LEVELS,
+                   num_classes=quantized_num_classes(minimum, maximum, step), **kwargs)
+
+    def real_value(self, q: int) -> float:
+        """Real value of quantized byte ``q``: ``min + q/(levels-1) * (max-min)``."""
+        lo, hi = self._range()
+        return lo + q / (QUANTIZATION_LEVELS - 1) * (hi - lo)
+
+    def class_of_quantized(self, q: int) -> int:
+        """Class index of quantized byte ``q``: the nearest step to its real value."""
+        if self.step is None:
+            return q
+        lo, _ = self._range()
+        index = math.floor((self.real_value(q) - lo) / self.step + 0.5)
+        return min(max(index, 0), self.num_classes - 1)
+
+    def _range(self) -> tuple[float, float]:
+        if self.kind != "quantized" or self.min is None or self.max is None:
+            raise SchemaError(f"head {self.name!r} is a {self.kind} head, not quantized")
+        return self.min, self.max
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind, "num_classes": self.num_classes,
+                             "source_id": self.source_id, "description": self.description}
+        if self.kind == "quantized":
+            d.update(min=self.min, max=self.max, step=self.step, levels=self.levels)
+        if self.class_names:
+            d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "head") -> Head:
+        _require(isinstance(d, Mapping), where, "an object", d)
+        kind = _get(d, "kind", str, where)
+        extra: dict[str, Any] = {}
+        if kind == "quantized":
+            extra = {"min": float(_get(d, "min", (int, float), where)),
+                     "max": float(_get(d, "max", (int, float), where)),
+                     "step": _optional_float(d.get("step"), f"{where}.step"),
+                     "levels": _get(d, "levels", int, where)}
+        names = d.get("class_names") or ()
+        _require(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names),
+                 f"{where}.class_names", "a list of strings", names)
+        source_id = d.get("source_id")
+        _require(source_id is None or (isinstance(source_id, int) and not isinstance(source_id, bool)),
+                 f"{where}.source_id", "int or null", source_id)
+        return cls(name=_get(d, "name", str, where), kind=kind,
+                   num_classes=_get(d, "num_classes", int, where), source_id=source_id,
+                   description=str(d.get("description", "")), class_names=tuple(names), **extra)
+
+
+def _optional_float(value: Any, where: str) -> float | None:
+    _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+             where, "a number or null", value)
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class FixedParameter:
+    """A generation parameter that did not vary across the dataset (kept for provenance)."""
+
+    name: str
+    value: Any
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a shard set came from: the source format and the converter that wrote it."""
+
+    source_format: str
+    source_version: str = ""
+    source_name: str = ""
+    converter_version: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    """A dataset split: its name, image spec, label heads, fixed parameters, provenance."""
+
+    name: str
+    split: str
+    image: ImageSpec
+    heads: tuple[Head, ...]
+    fixed_parameters: tuple[FixedParameter, ...] = ()
+    provenance: Provenance = field(default_factory=lambda: Provenance(source_format="unknown"))
+    format_version: str = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), "name", "a non-empty string", self.name)
+        _require(isinstance(self.split, str) and bool(_NAME_RE.match(self.split)),
+                 "split", "an identifier such as 'train'", self.split)
+        _require(len(self.heads) >= 1, "heads", "at least one head", len(self.heads))
+        names = [h.name for h in self.heads]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _require(not dupes, "heads", "unique head names", dupes)
+        # canonical order, as the JSON (an object with sorted keys) holds them
+        object.__setattr__(self, "fixed_parameters",
+                           tuple(sorted(self.fixed_parameters, key=lambda f: f.name)))
+        major = str(self.format_version).split(".")[0]
+        _require(major == FORMAT_VERSION.split(".")[0], "format_version",
+                 f"{FORMAT_VERSION.split('.')[0]}.x (this reader)", self.format_version)
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.heads)
+
+    def head(self, name: str) -> Head:
+        for h in self.heads:
+            if h.name == name:
+                return h
+        raise SchemaError(f"dataset {self.name!r} has no head {name!r}; heads: {list(self.head_names)}")
+
+    def with_split(self, split: str) -> DatasetSchema:
+        return replace(self, split=split)
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.provenance
+        return {
+            "format": FORMAT_NAME, "format_version": self.format_version,
+            "name": self.name, "split": self.split,
+            "image": {"height": self.image.height, "width": self.image.width,
+                      "channels": self.image.channels, "encoding": self.image.encoding,
+                      "layout": self.image.layout, "dtype": "uint8"},
+            "heads": [h.to_dict() for h in self.heads],
+            "fixed_parameters": {f.name: {"value": f.value, "description": f.description}
+                                 for f in self.fixed_parameters},
+            "provenance": {"source_format": p.source_format, "source_version": p.source_version,
+                           "source_name": p.source_name, "converter_version": p.converter_version},
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace, so equal schemas give equal bytes."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "schema") -> DatasetSchema:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SchemaError(f"{where}: expected JSON, found unparsable text ({e})") from e
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "schema") -> DatasetSchema:
+        _require(isinstance(d, Mapping), where, "a JSON object", type(d).__name__)
+        _require(d.get("format") == FORMAT_NAME, f"{where}.format", repr(FORMAT_NAME), d.get("format"))
+        image = _get(d, "image", Mapping, where)
+        heads = _get(d, "heads", list, where)
+        fixed = d.get("fixed_parameters") or {}
+        _require(isinstance(fixed, Mapping), f"{where}.fixed_parameters", "an object", fixed)
+        prov = d.get("provenance") or {}
+        _require(isinstance(prov, Mapping), f"{where}.provenance", "an object", prov)
+        return cls(
+            name=_get(d, "name", str, where), split=_get(d, "split", str, where),
+            image=ImageSpec(height=_get(image, "height", int, f"{where}.image"),
+                            width=_get(image, "width", int, f"{where}.image"),
+                            channels=_get(image, "channels", int, f"{where}.image"),
+                            encoding=_get(image, "encoding", str, f"{where}.image"),
+                            layout=_get(image, "layout", str, f"{where}.image")),
+            heads=tuple(Head.from_dict(h, f"{where}.heads[{i}]") for i, h in enumerate(heads)),
+            fixed_parameters=tuple(_fixed_from_json(k, v) for k, v in fixed.items()),
+            provenance=Provenance(**{k: str(prov.get(k, "")) for k in
+                                     ("source_format", "source_version", "source_name",
+                                      "converter_version")}),
+            format_version=_get(d, "format_version", str, where),
+        )
+
+
+def _fixed_from_json(name: str, value: Any) -> FixedParameter:
+    if isinstance(value, Mapping) and "value" in value:
+        return FixedParameter(name, value["value"], str(value.get("description", "")))
+    return FixedParameter(name, value)
+

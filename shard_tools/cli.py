@@ -1,0 +1,145 @@
+"""The ``shards`` command: generate, convert, validate and inspect shard sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("shards")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """``"64MB"``, ``"1.5G"`` or ``"1000"`` as a byte count (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 256MB, found {text!r}")
+    return int(float(match[1]) * 1024 ** " KMG".index(match[2].upper() or " "))
+
+
+def parse_dims(text: str) -> tuple[int, int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected HxWxC such as 32x32x3, found {text!r}")
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from shard_tools.convert import convert
+
+    manifests = convert(args.format, args.src, args.out, splits=args.split or None,
+                        shuffle=not args.no_shuffle, seed=args.seed,
+                        max_samples=args.max_samples or None, max_bytes=args.max_bytes or None)
+    for split, m in manifests.items():
+        print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {Path(args.out) / split}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from shard_tools.validate import validate
+
+    report = validate(args.source, decode=args.decode, progress=None if not args.quiet else False)
+    for problem in report.problems:
+        print(problem)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    splits = ", ".join(f"{k}: {v}" for k, v in report.splits.items())
+    verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{verdict}: {report.shards} shards, {report.samples} samples, {report.bytes} bytes"
+          f"{' (' + splits + ')' if splits else ''}")
+    return 0 if report.ok else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from shard_tools.inspect import summarize, write_grid
+
+    summary = summarize(args.source)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    for entry in [] if args.json else summary:
+        schema = entry["schema"]
+        image = schema["image"]
+        print(f"{schema['name']} [{entry['split']}]: {entry['samples']} samples in {entry['shards']} "
+              f"shards; image {image['height']}x{image['width']}x{image['channels']} "
+              f"{image['encoding']} {image['layout']}")
+        for head in schema["heads"]:
+            extra = (f" range {head['min']}..{head['max']} step {head['step']}"
+                     if head["kind"] == "quantized" else "")
+            print(f"  head {head['name']}: {head['kind']}, {head['num_classes']} classes{extra}")
+    if args.grid:
+        print(f"grid -> {write_grid(args.source, args.grid, count=args.count)}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from shard_tools.synthetic import generate_vimh
+
+    h, w, c = args.size
+    out = generate_vimh(args.out, n_train=args.train, n_test=args.test, height=h, width=w,
+                        channels=c, n_heads=args.heads, variant=args.variant, seed=args.seed)
+    print(f"synthetic VIMH source -> {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shards", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a source dataset into shards")
+    p.add_argument("format", help="source format: vimh")
+    p.add_argument("src", help="source dataset directory")
+    p.add_argument("out", help="output directory (one subdirectory per split)")
+    p.add_argument("--split", action="append", help="convert only this split (repeatable)")
+    p.add_argument("--max-samples", type=int, default=10_000, help="samples per shard (0: no limit)")
+    p.add_argument("--max-bytes", type=parse_bytes, default=parse_bytes("256MB"),
+                   help="bytes per shard, e.g. 64MB (0: no limit)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+    p.add_argument("--no-shuffle", action="store_true", help="keep source order")
+    p.set_defaults(run=_convert)
+
+    p = sub.add_parser("validate", help="check shards and report every problem")
+    p.add_argument("source", nargs="+", help="shard directory, manifest, shard URLs or brace pattern")
+    p.add_argument("--json", metavar="REPORT", help="also write the report as JSON")
+    p.add_argument("--decode", action="store_true", help="decode every image and check its shape")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_validate)
+
+    p = sub.add_parser("inspect", help="print schema and counts; write a PNG grid of samples")
+    p.add_argument("source", help="shard directory, manifest, shard URL or brace pattern")
+    p.add_argument("--grid", metavar="PNG", help="write a labelled grid of samples here")
+    p.add_argument("--count", type=int, default=16, help="samples in the grid")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("generate", help="write a synthetic VIMH source (learnable labels)")
+    p.add_argument("out", help="directory to create, e.g. data/vimh-32x32x3_demo")
+    p.add_argument("--train", type=int, default=2048)
+    p.add_argument("--test", type=int, default=512)
+    p.add_argument("--size", type=parse_dims, default=(32, 32, 3), help="HxWxC")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--variant", default="pickle", choices=["pickle", "binary", "binary-v1", "both"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""VIMH source format: ``train_batch``/``test_batch`` pickles or ``train``/``test`` binary
+files, plus ``vimh_dataset_info.json`` (versions 1.0, 2.x, 3.0).
+
+Head ``id`` is named ``parameter_names[id]`` (``param_<id>`` with a warning when the id is
+beyond the list). A quantized byte ``q`` means the real value ``min + q/255*(max-min)``;
+a head has ``round((max-min)/step)+1`` classes when ``step > 0`` (else 256) and a
+sample's class is the step nearest its real value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConversionError, SchemaError
+from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
+from shard_tools import __version__
+from shard_tools.converters import SourceSample
+from shard_tools.converters.vimh_files import VimhSplit, load_binary, load_pickle
+
+log = logging.getLogger(__name__)
+
+NAME = "vimh"
+METADATA_FILE = "vimh_dataset_info.json"
+SPLIT_FILES = {"train": ("train_batch", "train"), "test": ("test_batch", "test")}
+_DIR_DIMS = re.compile(r"vimh-(\d+)x(\d+)x(\d+)")
+_JSON_DIMS = re.compile(r"^(\d+)x(\d+)x(\d+)$")
+Dims = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class VimhMetadata:
+    """What ``vimh_dataset_info.json`` says, normalized across its versions."""
+
+    path: Path | None
+    version: str = ""
+    dataset_name: str = ""
+    dims: Dims | None = None
+    parameter_names: tuple[str, ...] = ()
+    mappings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    fixed: tuple[FixedParameter, ...] = ()
+    counts: Mapping[str, int] = field(default_factory=dict)
+    header_hint: int | None = None
+
+
+def _check_dir(src: Path) -> Path:
+    if not src.exists():
+        raise ConversionError(f"{src}: no such directory (expected a VIMH dataset directory)")
+    if not src.is_dir():
+        raise ConversionError(f"{src}: expected a VIMH dataset directory, found a file")
+    return src
+
+
+def read_metadata(src: Path) -> VimhMetadata:
+    path = _check_dir(src) / METADATA_FILE
+    if not path.exists():
+        log.warning("%s: missing; using defaults (heads named param_<id>, range 0..1, 256 "
+                    "classes; image dimensions from the directory name and data)", path)
+        return VimhMetadata(path=None)
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: expected JSON, found corrupt text ({e})") from e
+    if not isinstance(info, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found {type(info).__name__}")
+    return VimhMetadata(
+        path=path, version=str(info.get("version", "")),
+        dataset_name=str(info.get("dataset_name", "")), dims=_json_dims(path, info),
+        parameter_names=tuple(str(n) for n in info.get("parameter_names", [])),
+        mappings=_dict_field(path, info, "parameter_mappings"),
+        fixed=tuple(_fixed(k, v) for k, v in _dict_field(path, info, "fixed_parameters").items()),
+        counts={s: int(info[k]) for s in SPLIT_FILES for k in (f"{s}_samples", f"num_{s}_samples")
+                if isinstance(info.get(k), int)},
+        header_hint=_header_hint(info.get("label_encoding")))
+
+
+def _dict_field(path: Path, info: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = info.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: {key} expected an object, found {type(value).__name__}")
+    return value
+
+
+def _json_dims(path: Path, info: Mapping[str, Any]) -> Dims | None:
+    if all(isinstance(info.get(k), int) for k in ("height", "width", "channels")):
+        return (info["height"], info["width"], info["channels"])
+    match = _JSON_DIMS.match(str(info.get("image_size", "")))
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def _header_hint(encoding: Any) -> int | None:
+    """Record header size the JSON declares: 14 (dims + scale factors) or 6 (dims only)."""
+    size = encoding.get("metadata_bytes") if isinstance(encoding, dict) else None
+    return {14: 14, 6: 6, 3: 6}.get(size) if isinstance(size, int) else None
+
+
+def _fixed(name: str, value: Any) -> FixedParameter:
+    if isinstance(value, dict) and "value" in value:
+        return FixedParameter(name, value["value"], str(value.get("description", "")))
+    return FixedParameter(name, value)
+
+
+def splits(src: Path) -> tuple[str, ...]:
+    found = tuple(s for s, files in SPLIT_FILES.items()
+                  if any((_check_dir(src) / f).is_file() for f in files))
+    if not found:
+        wanted = [f for files in SPLIT_FILES.values() for f in files]
+        raise ConversionError(f"{src}: empty dataset: expected one of {wanted}, found none")
+    return found
+
+
+def _load(src: Path, split: str) -> VimhSplit:
+    if split not in SPLIT_FILES:
+        raise ConversionError(f"{src}: unknown split {split!r}; VIMH has {list(SPLIT_FILES)}")
+    pickled, binary = (_check_dir(src) / f for f in SPLIT_FILES[split])
+    if pickled.is_file():
+        if binary.is_file():
+            log.info("%s: both %s and %s exist; using the pickle", src, pickled.name, binary.name)
+        data = load_pickle(pickled)
+    elif binary.is_file():
+        data = load_binary(binary, read_metadata(src).header_hint)
+    else:
+        raise ConversionError(f"{src}: split {split!r}: expected {pickled.name} or {binary.name}")
+    if len(data) == 0:
+        raise ConversionError(f"{data.path}: empty dataset: no samples")
+    return data
+
+
+def _dims(src: Path, meta: VimhMetadata, data: VimhSplit) -> Dims:
+    """Dimensions on which directory name, JSON and data agree."""
+    match = _DIR_DIMS.search(src.name)
+    sources = {f"directory name {src.name!r}": (int(match[1]), int(match[2]), int(match[3]))
+               if match else None, f"{meta.path}": meta.dims, f"{data.path}": data.dims}
+    known = {where: d for where, d in sources.items() if d is not None}
+    if len(set(known.values())) > 1:
+        said = ", ".join(f"{where} says {'x'.join(map(str, d))}" for where, d in known.items())
+        raise ConversionError(f"{src}: image dimensions (HxWxC) disagree: {said}")
+    if not known:
+        raise ConversionError(f"{src}: cannot tell image dimensions: no vimh-HxWxC directory name, "
+                              f"no {METADATA_FILE} dimensions, no dimensions in {data.path.name}")
+    dims = next(iter(known.values()))
+    row = len(data.image(0))
+    if row != dims[0] * dims[1] * dims[2]:
+        raise ConversionError(f"{data.path}: sample 0: image has {row} bytes, expected "
+                              f"H*W*C = {dims[0] * dims[1] * dims[2]} for {'x'.join(map(str, dims))}")
+    return dims
+
+
+def _head(meta: VimhMetadata, param_id: int, path: Path) -> Head:
+    if param_id < len(meta.parameter_names):
+        raw_name = meta.parameter_names[param_id]
+    else:
+        raw_name = f"param_{param_id}"
+        log.warning("%s: parameter id %d is beyond parameter_names %s; naming it %s",
+                    path, param_id, list(meta.parameter_names), raw_name)
+    name = re.sub(r"\W", "_", raw_name)
+    mapping = meta.mappings.get(raw_name)
+    if mapping is None:
+        if meta.path is not None:
+            log.warning("%s: no parameter_mappings entry for %r; using range 0..1", meta.path, raw_name)
+        mapping = {"min": 0.0, "max": 1.0}
+    description = str(mapping.get("description", "")) or raw_name
+    try:
+        return Head.quantized(name, float(mapping["min"]), float(mapping["max"]),
+                              mapping.get("step"), source_id=param_id, description=description)
+    except (KeyError, TypeError, ValueError, SchemaError) as e:
+        raise ConversionError(f"{meta.path}: parameter_mappings[{raw_name!r}]: expected min < max "
+                              f"and optional step > 0, found {dict(mapping)} ({e})") from e
+
+
+def read_schema(src: Path, split: str) -> DatasetSchema:
+    meta, data = read_metadata(src), _load(src, split)
+    h, w, c = _dims(src, meta, data)
+    heads = tuple(_head(meta, pid, data.path) for pid in sorted(data.ids))
+    if meta.counts.get(split, len(data)) != len(data):
+        log.warning("%s: says %d %s samples, %s holds %d", meta.path, meta.counts[split], split,
+                    data.path.name, len(data))
+    try:
+        return DatasetSchema(
+            name=meta.dataset_name or src.name, split=split,
+            image=ImageSpec(height=h, width=w, channels=c, encoding="raw", layout="CHW"),
+            heads=heads, fixed_parameters=meta.fixed,
+            provenance=Provenance(source_format=f"vimh-{data.variant}", source_version=meta.version,
+                                  source_name=src.name, converter_version=__version__))
+    except SchemaError as e:
+        raise ConversionError(f"{src}: {e}") from e
+
+
+def count_samples(src: Path, split: str) -> int:
+    return len(_load(src, split))
+
+
+def iter_samples(src: Path, split: str,
+                 indices: Sequence[int] | None = None) -> Iterator[SourceSample]:
+    data = _load(src, split)
+    schema = read_schema(src, split)
+    by_id = {h.source_id: h.name for h in schema.heads}
+    names = [by_id[pid] for pid in data.ids]
+    for i in range(len(data)) if indices is None else indices:
+        extra = None
+        if data.scale_factors is not None:
+            extra = {"scale_factors": [float(x) for x in data.scale_factors[i]]}
+        labels = dict(zip(names, (int(v) for v in data.values[i]), strict=True))
+        yield SourceSample(index=i, image=data.image(i), labels=labels, extra=extra)

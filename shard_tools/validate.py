@@ -1,0 +1,273 @@
+"""The shard validator: reads every shard of a set once and reports every problem found.
+
+Checked: tar structure and end-of-archive marker; ``__header__`` present, first and equal
+across a split (and to the manifest's schema); every sample complete (image + labels),
+keys unique across a split; every label within its head's range; with ``decode``, every
+image decodes to the declared shape; counts, sizes and sha256 against the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError, ShardFormatError
+from pipeline.header import HEADER_MEMBER, parse_header
+from pipeline.labels import decode_labels, label_problems
+from pipeline.manifest import ShardInfo
+from pipeline.schema import DatasetSchema
+from pipeline.sources import ShardSet, resolve_shards
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension rule
+LABELS_EXT = "labels.msgpack"
+
+
+@dataclass(frozen=True)
+class Problem:
+    shard: str
+    member: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}: {self.member + ': ' if self.member else ''}{self.reason}"
+
+
+@dataclass
+class ValidationReport:
+    problems: list[Problem] = field(default_factory=list)
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    splits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "shards": self.shards, "samples": self.samples, "bytes": self.bytes,
+                "splits": self.splits, "problems": [asdict(p) for p in self.problems]}
+
+
+class _HashingReader(io.RawIOBase):
+    """Read-through wrapper recording sha256, size and the last 1 KiB of a stream."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw, self.sha, self.size, self.tail = raw, hashlib.sha256(), 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = self._raw.read(-1 if n is None else n)
+        self.sha.update(data)
+        self.size += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+@dataclass
+class _SplitState:
+    schema: DatasetSchema | None
+    keys: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+
+
+class _ShardChecker:
+    """Checks the members of one shard as they stream past."""
+
+    def __init__(self, url: str, split: _SplitState, decode: bool, problems: list[Problem]) -> None:
+        self.url, self.split, self.decode, self.problems = url, split, decode, problems
+        self.key: str | None = None
+        self.members: dict[str, bytes] = {}
+        self.samples = 0
+        self.count = 0
+
+    def problem(self, member: str | None, reason: str) -> None:
+        self.problems.append(Problem(self.url, member, reason))
+
+    def member(self, info: tarfile.TarInfo, data: bytes | None) -> None:
+        first, self.count = self.count == 0, self.count + 1
+        if info.name == HEADER_MEMBER:
+            return self._header(data or b"", first)
+        if first:
+            self.problem(info.name, f"expected first member {HEADER_MEMBER!r}, found {info.name!r}")
+        if data is None:
+            return self.problem(info.name, "expected a regular file member, found another type")
+        match = _KEY_EXT.match(info.name)
+        if not match:
+            return self.problem(info.name, "expected a member named <key>.<extension>")
+        key, ext = match.groups()
+        if key != self.key:
+            self.finish_sample()
+            self.key = key
+        if ext in self.members:
+            self.problem(info.name, "member repeated within its sample")
+        self.members[ext] = data
+
+    def _header(self, data: bytes, first: bool) -> None:
+        if not first:
+            return self.problem(HEADER_MEMBER, "expected the header as the first member only")
+        try:
+            schema = parse_header(data, self.url)
+        except ShardFormatError as e:
+            return self.problem(HEADER_MEMBER, str(e))
+        ref = self.split.schema
+        if ref is None:
+            self.split.schema = schema
+        elif schema != ref:
+            self.problem(HEADER_MEMBER, "header differs from the split's: " + _diff(ref, schema))
+
+    def finish_sample(self) -> None:
+        if self.key is None:
+            return
+        key, members, self.key, self.members = self.key, self.members, None, {}
+        self.samples += 1
+        if key in self.split.keys:
+            self.problem(key, f"duplicate sample key (also in {self.split.keys[key]})")
+        self.split.keys.setdefault(key, self.url)
+        schema = self.split.schema
+        if schema is None:
+            return
+        image_ext = schema.image.encoding
+        for ext in sorted(set(members) - {image_ext, LABELS_EXT}):
+            self.problem(f"{key}.{ext}", f"unexpected member (expected {image_ext} and {LABELS_EXT})")
+        for ext in (image_ext, LABELS_EXT):
+            if ext not in members:
+                self.problem(key, f"incomplete sample: missing its {ext} member")
+        if LABELS_EXT in members:
+            self._labels(schema, f"{key}.{LABELS_EXT}", members[LABELS_EXT])
+        if image_ext in members:
+            self._image(schema, f"{key}.{image_ext}", members[image_ext])
+
+    def _labels(self, schema: DatasetSchema, name: str, data: bytes) -> None:
+        try:
+            record = decode_labels(data, name)
+        except ShardFormatError as e:
+            return self.problem(name, str(e))
+        for reason in label_problems(schema, record):
+            self.problem(name, reason)
+
+    def _image(self, schema: DatasetSchema, name: str, data: bytes) -> None:
+        spec = schema.image
+        if spec.encoding == "raw":
+            if len(data) != spec.nbytes:
+                self.problem(name, f"raw image expected {spec.nbytes} bytes "
+                                   f"({spec.describe()}), found {len(data)}")
+            return
+        if self.decode:
+            self._decode(spec.height, spec.width, spec.channels, name, data)
+
+    def _decode(self, height: int, width: int, channels: int, name: str, data: bytes) -> None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                shape = np.asarray(img).shape
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return self.problem(name, f"image does not decode ({e})")
+        found = (shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
+        if found != (height, width, channels):
+            self.problem(name, f"image expected HxWxC {height}x{width}x{channels}, "
+                               f"found {'x'.join(map(str, found))}")
+
+
+def _diff(a: DatasetSchema, b: DatasetSchema) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return "; ".join(f"{k}: expected {da.get(k)!r}, found {db.get(k)!r}"
+                     for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k))
+
+
+def _check_shard(url: str, split: _SplitState, decode: bool, problems: list[Problem],
+                 storage_options: dict[str, Any]) -> tuple[int, int, str] | None:
+    """Stream one shard; returns (samples, bytes, sha256), or None if it cannot be opened."""
+    checker = _ShardChecker(url, split, decode, problems)
+    last = None
+    try:
+        with fsspec.open(url, "rb", **storage_options) as raw:
+            reader = _HashingReader(raw)
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as tar:
+                    for info in tar:
+                        last = info.name
+                        f = tar.extractfile(info) if info.isfile() else None
+                        checker.member(info, f.read() if f is not None else None)
+            except (tarfile.TarError, EOFError) as e:
+                where = f"after member {last!r}" if last else "at the start"
+                checker.problem(last, f"tar structure broken {where} ({e}); the shard is truncated "
+                                      "or corrupt")
+            checker.finish_sample()
+            reader.drain()
+    except FileNotFoundError:
+        problems.append(Problem(url, None, "shard not found"))
+        return None
+    if checker.count == 0:
+        checker.problem(None, f"expected a tar with a {HEADER_MEMBER!r} member, found no members")
+    elif len(reader.tail) < 1024 or any(reader.tail) or reader.size % 512:
+        checker.problem(None, f"missing end-of-archive marker: the tar is truncated ({reader.size} bytes)")
+    split.samples += checker.samples
+    return checker.samples, reader.size, reader.sha.hexdigest()
+
+
+def _compare(info: ShardInfo, url: str, found: tuple[int, int, str], problems: list[Problem]) -> None:
+    for what, expected, actual in zip(("samples", "bytes", "sha256"),
+                                      (info.samples, info.bytes, info.sha256), found, strict=True):
+        if expected != actual:
+            problems.append(Problem(url, None, f"manifest says {what} {expected}, found {actual}"))
+
+
+def _unlisted(shards: ShardSet, storage_options: dict[str, Any]) -> list[Problem]:
+    if shards.listed_dir is None or shards.manifest is None:
+        return []
+    fs, path = url_to_fs(shards.listed_dir, **storage_options)
+    listed = {s.name for s in shards.manifest.shards}
+    return [Problem(p, None, f"shard not listed in {shards.manifest_url}")
+            for p in sorted(fs.glob(path.rstrip("/") + "/*.tar")) if p.rsplit("/", 1)[-1] not in listed]
+
+
+def validate(source: str | Sequence[str], *, decode: bool = False, progress: bool | None = None,
+             storage_options: dict[str, Any] | None = None) -> ValidationReport:
+    """Validate every shard named by ``source`` and return all problems found."""
+    options = storage_options or {}
+    report = ValidationReport()
+    try:
+        shard_sets = resolve_shards(source, storage_options=options)
+    except PipelineError as e:
+        report.problems.append(Problem(str(source), None, str(e)))
+        return report
+    total = sum(len(s.urls) for s in shard_sets)
+    with tqdm(total=total, desc="validate", unit="shard", disable=None if progress is None else not progress) as bar:
+        for shards in shard_sets:
+            _validate_set(shards, decode, options, report, bar)
+    return report
+
+
+def _validate_set(shards: ShardSet, decode: bool, options: dict[str, Any],
+                  report: ValidationReport, bar: tqdm) -> None:
+    state = _SplitState(schema=shards.manifest.schema if shards.manifest else None)
+    infos = shards.manifest.shards if shards.manifest else (None,) * len(shards.urls)
+    report.problems.extend(_unlisted(shards, options))
+    for url, info in zip(shards.urls, infos, strict=True):
+        found = _check_shard(url, state, decode, report.problems, options)
+        bar.update()
+        if found is None:
+            continue
+        report.shards += 1
+        report.bytes += found[1]
+        if info is not None:
+            _compare(info, url, found, report.problems)
+    report.samples += state.samples
+    report.splits[shards.label] = state.samples

@@ -170,3 +170,25 @@ def test_failed_run_leaves_earlier_output_untouched(tmp_path: Path, vimh_source)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not list(out.rglob(".staging"))
     assert validate(str(out), progress=False).ok
+
+
+def test_non_identifier_names_are_made_identifiers(tmp_path: Path, vimh_source, caplog) -> None:
+    src = vimh_source(n_heads=2)
+    info = json.loads((src / "vimh_dataset_info.json").read_text())
+    info["parameter_names"] = ["pedal-angle", "note number"]
+    info["parameter_mappings"] = {"pedal-angle": {"min": 0, "max": 90, "step": 10, "description": "wah"}}
+    (src / "vimh_dataset_info.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING):
+        schema = convert("vimh", src, tmp_path / "out")["train"].schema
+    assert schema.head_names == ("pedal_angle", "note_number")
+    assert schema.heads[0].description == "pedal-angle: wah" and schema.heads[0].num_classes == 10
+    assert "no parameter_mappings entry for 'note number'" in caplog.text
+
+
+def test_colliding_names_after_cleaning_are_an_error(tmp_path: Path, vimh_source) -> None:
+    src = vimh_source(n_heads=2)
+    info = json.loads((src / "vimh_dataset_info.json").read_text())
+    info["parameter_names"] = ["a-b", "a b"]
+    (src / "vimh_dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(ConversionError, match=r"heads: expected unique head names, found \['a_b'\]"):
+        convert("vimh", src, tmp_path / "out")

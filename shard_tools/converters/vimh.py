@@ -165,6 +165,9 @@ def _head(meta: VimhMetadata, param_id: int, path: Path) -> Head:
             log.warning("%s: no parameter_mappings entry for %r; using range 0..1", meta.path, raw_name)
         mapping = {"min": 0.0, "max": 1.0}
     description = str(mapping.get("description", "")) or raw_name
+    if name != raw_name:
+        log.warning("%s: parameter name %r is not an identifier; the head is named %r", path, raw_name, name)
+        description = description if raw_name in description else f"{raw_name}: {description}"
     try:
         return Head.quantized(name, float(mapping["min"]), float(mapping["max"]),
                               mapping.get("step"), source_id=param_id, description=description)

@@ -17,3 +17,19 @@ __all__ = [
     "HeaderMismatchError", "ImageSpec", "Manifest", "ManifestError", "PipelineError",
     "Provenance", "SchemaError", "ShardFormatError", "ShardInfo", "read_header", "read_manifest",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``make_loader`` and ``ShardLoader`` import torch: load them only when asked for."""
+    if name == "make_loader":
+        from pipeline.api import make_loader
+
+        return make_loader
+    if name == "ShardLoader":
+        from pipeline.loader import ShardLoader
+
+        return ShardLoader
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+__all__ += ["ShardLoader", "make_loader"]

@@ -7,7 +7,7 @@ from typing import IO, Any
 
 import fsspec
 
-from pipeline.errors import SchemaError, ShardFormatError
+from pipeline.errors import HeaderMismatchError, SchemaError, ShardFormatError
 from pipeline.schema import DatasetSchema
 
 HEADER_MEMBER = "__header__"
@@ -23,6 +23,17 @@ def parse_header(data: bytes, where: str) -> DatasetSchema:
         return DatasetSchema.from_json(data, where=f"{where}: {HEADER_MEMBER}")
     except SchemaError as e:
         raise ShardFormatError(str(e)) from e
+
+
+def header_mismatch(url: str, found: bytes, expected: bytes) -> HeaderMismatchError:
+    """The error for a shard whose header differs from its split's, naming what differs."""
+    try:
+        a, b = parse_header(expected, "expected").to_dict(), parse_header(found, url).to_dict()
+    except ShardFormatError as e:
+        return HeaderMismatchError(f"{url}: header differs from its split's and does not parse ({e})")
+    diff = "; ".join(f"{k}: expected {a.get(k)!r}, found {b.get(k)!r}"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    return HeaderMismatchError(f"{url}: header differs from its split's: {diff}")
 
 
 def read_header_from(stream: IO[bytes], where: str) -> DatasetSchema:
@@ -50,3 +61,5 @@ def read_header(url: str, storage_options: dict[str, Any] | None = None) -> Data
             return read_header_from(f, url)
     except FileNotFoundError as e:
         raise ShardFormatError(f"{url}: shard not found") from e
+    except PermissionError as e:
+        raise ShardFormatError(f"{url}: access denied ({e}); check the credentials") from e

@@ -80,3 +80,5 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
             return Manifest.from_json(f.read(), where=url)
     except FileNotFoundError as e:
         raise ManifestError(f"{url}: manifest not found") from e
+    except PermissionError as e:
+        raise ManifestError(f"{url}: access denied ({e}); check the credentials") from e

@@ -97,6 +97,9 @@ def resolve_shards(source: str | Sequence[str], *, split: str | None = None,
     if source.endswith(".tar"):
         return [ShardSet(label=source, urls=(source,))]
     fs, path = url_to_fs(source, **options)
-    if not fs.exists(path):
-        raise ShardFormatError(f"{source}: no such file or directory")
-    return _from_dir(source, fs, path, options, split)
+    try:
+        if not fs.exists(path):
+            raise ShardFormatError(f"{source}: no such file or directory")
+        return _from_dir(source, fs, path, options, split)
+    except PermissionError as e:
+        raise ShardFormatError(f"{source}: access denied ({e}); check the credentials") from e

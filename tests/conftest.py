@@ -55,3 +55,30 @@ def vimh_shards(tmp_path: Path, vimh_source) -> Path:
     convert("vimh", src, out, max_samples=16)
     return out
 
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint over HTTP: moto's server on 127.0.0.1 and a free port."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_options(s3_endpoint: str, monkeypatch) -> dict:
+    """s3fs storage options for the moto endpoint (and no credentials from the environment)."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    return {"key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}

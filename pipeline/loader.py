@@ -1,0 +1,217 @@
+"""The streaming loader: ``make_loader(source, ...)`` → batches of ``(images, labels)``.
+
+Each dataloader worker plans its share of the epoch (:mod:`pipeline.planning`), reads whole
+shards (:mod:`pipeline.storage`), walks them in memory (:mod:`pipeline.tario`), shuffles
+samples within windows of ``shuffle_buffer`` samples, and assembles batches
+(:mod:`pipeline.batching`). The loader counts the batches it has handed out, so
+``state_dict()`` taken after ``k`` batches resumes with batch ``k + 1`` of the same order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.batching import BatchAssembler, SampleRef, Transform
+from pipeline.errors import PipelineError, ShardFormatError
+from pipeline.header import header_bytes
+from pipeline.planning import Slice, WorkerPlan, batches_done_per_worker, epoch_rng, plan_epoch
+from pipeline.schema import DatasetSchema
+from pipeline.storage import read_shard
+from pipeline.tario import ShardIndex, index_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything a worker needs to read its share of an epoch (picklable)."""
+
+    shards: tuple[Slice, ...]
+    schema: DatasetSchema
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 4096
+    world_size: int = 1
+    rank: int = 0
+    num_workers: int = 0
+    uneven: str = "drop"
+    drop_last: bool = False
+    on_error: str = "raise"
+    storage_options: dict[str, Any] | None = None
+    cache_dir: str | None = None
+    retries: int = 3
+    allow_pipe: bool = False
+
+    def plan(self, epoch: int) -> list[WorkerPlan]:
+        return plan_epoch(self.shards, seed=self.seed, epoch=epoch, world_size=self.world_size,
+                          rank=self.rank, num_workers=self.num_workers, batch_size=self.batch_size,
+                          shuffle=self.shuffle, uneven=self.uneven, drop_last=self.drop_last)
+
+
+class _ShardCache:
+    """The last shard indexed by this worker (consecutive slices often share a shard)."""
+
+    def __init__(self, config: StreamConfig) -> None:
+        self.config, self.header = config, header_bytes(config.schema)
+        self.index: ShardIndex | None = None
+
+    def get(self, url: str) -> ShardIndex:
+        if self.index is None or self.index.url != url:
+            c = self.config
+            data = read_shard(url, storage_options=c.storage_options, retries=c.retries,
+                              cache_dir=c.cache_dir, allow_pipe=c.allow_pipe)
+            self.index = index_shard(data, url, self.header, tolerant=c.on_error == "skip")
+            if self.index.error:
+                log.warning("%s", self.index.error)
+        return self.index
+
+
+def _slice_positions(piece: Slice, index: ShardIndex, config: StreamConfig) -> np.ndarray:
+    """Sample positions of one slice (as many as the shard has, in ``skip`` mode)."""
+    if len(index) < piece.stop and config.on_error == "raise":
+        raise ShardFormatError(f"{piece.url}: expected at least {piece.stop} samples (from the manifest), "
+                               f"found {len(index)}")
+    return np.arange(piece.start, min(piece.stop, len(index)))
+
+
+def _windows(slices: Sequence[Slice], size: int) -> list[list[Slice]]:
+    """Consecutive slices grouped into windows of at least ``size`` samples."""
+    windows: list[list[Slice]] = [[]]
+    for piece in slices:
+        if windows[-1] and sum(len(s) for s in windows[-1]) >= size:
+            windows.append([])
+        windows[-1].append(piece)
+    return [w for w in windows if w]
+
+
+def stream_refs(plan: WorkerPlan, config: StreamConfig, skip: int = 0) -> Iterator[SampleRef]:
+    """A worker's samples in epoch order, starting after the first ``skip``. Within each
+    window of ``shuffle_buffer`` samples the order is a seeded permutation."""
+    cache = _ShardCache(config)
+    size = config.shuffle_buffer if config.shuffle else 1
+    for number, window in enumerate(_windows(plan.slices, max(1, size))):
+        count = sum(len(s) for s in window)
+        if skip >= count:
+            skip -= count
+            continue
+        indexes = [cache.get(piece.url) for piece in window]
+        positions = [_slice_positions(p, index, config) for p, index in zip(window, indexes, strict=True)]
+        which = np.concatenate([np.full(len(p), k) for k, p in enumerate(positions)])
+        where = np.concatenate(positions)
+        if len(where) == 0:
+            raise ShardFormatError(f"{window[0].url}: no readable sample in this part of the epoch")
+        if len(where) < count:  # skip mode: keep counts exact by repeating readable samples
+            log.warning("%s: %d sample(s) unreadable; repeating others to keep the epoch exact",
+                        window[0].url, count - len(where))
+            which, where = np.resize(which, count), np.resize(where, count)
+        if config.shuffle:
+            order = epoch_rng(*plan.window_seed, number).permutation(count)
+            which, where = which[order], where[order]
+        for k, i in zip(which[skip:].tolist(), where[skip:].tolist(), strict=True):
+            yield indexes[k], i
+        skip = 0
+
+
+class ShardStream(IterableDataset):
+    """The iterable dataset behind :class:`ShardLoader`; yields whole batches."""
+
+    def __init__(self, config: StreamConfig, assembler: BatchAssembler, with_keys: bool = False) -> None:
+        self.config, self.assembler, self.with_keys = config, assembler, with_keys
+        self.epoch = 0
+        self.batches_done = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        workers = max(1, self.config.num_workers)
+        # The DataLoader polls its workers round-robin from worker 0; after a resume at batch
+        # k, worker 0 must therefore play the planned worker that makes batch k.
+        worker = ((info.id if info is not None else 0) + self.batches_done) % workers
+        plan = self.config.plan(self.epoch)[worker]
+        done = batches_done_per_worker(self.batches_done, workers)[worker]
+        refs = stream_refs(plan, self.config, skip=done * self.config.batch_size)
+        for _ in range(plan.num_batches - done):
+            batch = list(itertools.islice(refs, self.config.batch_size))
+            images, labels, keys = self.assembler(batch)
+            yield (images, labels, keys) if self.with_keys else (images, labels)
+        self.assembler.log_errors(f"rank {self.config.rank} worker {worker} epoch {self.epoch}")
+
+
+class ShardLoader:
+    """Iterable over one epoch of batches at a time; resumable mid-epoch.
+
+    Each full pass advances the epoch; ``set_epoch`` chooses one. ``state_dict()`` records
+    the epoch and the batches handed out so far; ``load_state_dict`` makes the next pass
+    continue right after them."""
+
+    def __init__(self, stream: ShardStream, *, prefetch_factor: int = 4, pin_memory: bool = False,
+                 timeout: float = 0) -> None:
+        self.stream = stream
+        self.prefetch_factor, self.pin_memory, self.timeout = prefetch_factor, pin_memory, timeout
+        self.epoch = 0
+        self._resume = 0
+        self._done = 0
+
+    @property
+    def schema(self) -> DatasetSchema:
+        return self.stream.config.schema
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads per epoch."""
+        return sum(p.num_samples for p in self.stream.config.plan(self.epoch))
+
+    def __len__(self) -> int:
+        return sum(p.num_batches for p in self.stream.config.plan(self.epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._resume = epoch, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.stream.epoch, self.stream.batches_done = self.epoch, self._resume
+        workers = self.stream.config.num_workers
+        loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor if workers else None, timeout=self.timeout)
+        self._done = self._resume
+        for batch in loader:
+            self._done += 1
+            yield batch
+        self.epoch, self._resume, self._done = self.epoch + 1, 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        c = self.stream.config
+        return {"epoch": self.epoch, "batches_done": self._done, "seed": c.seed, "batch_size": c.batch_size,
+                "world_size": c.world_size, "num_workers": max(1, c.num_workers),
+                "num_samples": sum(len(s) for s in c.shards)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "batch_size", "world_size", "num_workers", "num_samples"):
+            if state.get(key) != mine[key]:
+                raise PipelineError(f"loader state: {key} expected {mine[key]!r} (this loader), found "
+                                    f"{state.get(key)!r}; resume needs the same data and loader settings")
+        self.epoch, self._resume, self._done = int(state["epoch"]), int(state["batches_done"]), 0
+        self._done = self._resume
+
+
+def default_world() -> tuple[int, int]:
+    """(world_size, rank) of the running torch.distributed group, else 1, 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def build_loader(config: StreamConfig, *, transform: Transform | None = None, with_keys: bool = False,
+                 prefetch_factor: int = 4, pin_memory: bool = False) -> ShardLoader:
+    assembler = BatchAssembler(config.schema, transform=transform, on_error=config.on_error)
+    return ShardLoader(ShardStream(config, assembler, with_keys), prefetch_factor=prefetch_factor,
+                       pin_memory=pin_memory)

@@ -1,0 +1,128 @@
+"""Epoch planning: which samples of which shards each (rank, worker) reads, in one place.
+
+An epoch's samples are a sequence of shard *slices* (``url``, ``start``, ``stop``). The
+plan shuffles the slice order with ``(seed, epoch)``, cuts the sequence into equal
+contiguous ranges, one per rank, and cuts each rank's range into per-worker ranges whose
+lengths make batch ``j`` of the rank come from worker ``j % num_workers``: exactly the
+order in which a PyTorch ``DataLoader`` yields batches from an iterable dataset. So every
+rank yields the same number of batches, and a resume after ``k`` batches knows how many
+batches each worker had produced.
+
+Uneven totals: with ``uneven="drop"`` each rank gets ``N // world_size`` samples and the
+last ``N % world_size`` of the shuffled sequence are left out of this epoch (a different
+few each epoch); with ``uneven="pad"`` each rank gets ``ceil(N / world_size)`` and the
+sequence wraps around, repeating its first samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+UNEVEN_POLICIES = ("drop", "pad")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Samples ``start`` (inclusive) to ``stop`` (exclusive) of one shard, by position."""
+
+    url: str
+    start: int
+    stop: int
+    source: int = 0
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one dataloader worker of one rank reads in one epoch."""
+
+    slices: tuple[Slice, ...]
+    num_samples: int
+    num_batches: int
+    window_seed: tuple[int, ...]
+
+
+def epoch_rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
+    """The generator for one purpose of one epoch: independent of every other stream."""
+    return np.random.default_rng([seed, epoch, *stream])
+
+
+def shuffled_slices(slices: Sequence[Slice], *, seed: int, epoch: int, shuffle: bool) -> list[Slice]:
+    if not shuffle:
+        return list(slices)
+    order = epoch_rng(seed, epoch, 0).permutation(len(slices))
+    return [slices[int(i)] for i in order]
+
+
+def take_range(slices: Sequence[Slice], begin: int, end: int) -> list[Slice]:
+    """Samples ``begin:end`` of the concatenation of ``slices`` (wrapping around) as slices."""
+    starts = list(itertools.accumulate((len(s) for s in slices), initial=0))
+    total = starts[-1]
+    out: list[Slice] = []
+    while begin < end:
+        offset = begin % total
+        i = bisect.bisect_right(starts, offset) - 1
+        s = slices[i]
+        start = s.start + offset - starts[i]
+        stop = min(s.stop, start + end - begin)
+        out.append(Slice(s.url, start, stop, s.source))
+        begin += stop - start
+    return out
+
+
+def rank_range(total: int, world_size: int, rank: int, uneven: str) -> tuple[int, int]:
+    if uneven not in UNEVEN_POLICIES:
+        raise PipelineError(f"uneven: expected one of {UNEVEN_POLICIES}, found {uneven!r}")
+    per_rank = total // world_size if uneven == "drop" else math.ceil(total / world_size)
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def worker_sample_counts(num_samples: int, batch_size: int, num_workers: int) -> list[int]:
+    """Samples per worker such that batch ``j`` comes from worker ``j % num_workers``."""
+    num_batches = math.ceil(num_samples / batch_size)
+    counts = [len(range(w, num_batches, num_workers)) * batch_size for w in range(num_workers)]
+    if num_batches:
+        counts[(num_batches - 1) % num_workers] -= num_batches * batch_size - num_samples
+    return counts
+
+
+def batches_done_per_worker(batches_done: int, num_workers: int) -> list[int]:
+    """Batches each worker has produced once the loader has yielded ``batches_done``."""
+    return [len(range(w, batches_done, num_workers)) for w in range(num_workers)]
+
+
+def plan_epoch(slices: Sequence[Slice], *, seed: int, epoch: int, world_size: int, rank: int,
+               num_workers: int, batch_size: int, shuffle: bool = True,
+               uneven: str = "drop", drop_last: bool = False) -> list[WorkerPlan]:
+    """Per-worker plans of ``rank`` for ``epoch`` (``num_workers`` = 0 is planned as 1).
+    ``drop_last`` leaves out each rank's final partial batch."""
+    if not 0 <= rank < world_size:
+        raise PipelineError(f"rank: expected 0..{world_size - 1}, found {rank}")
+    if batch_size < 1:
+        raise PipelineError(f"batch_size: expected >= 1, found {batch_size}")
+    ordered = shuffled_slices([s for s in slices if len(s)], seed=seed, epoch=epoch, shuffle=shuffle)
+    total = sum(len(s) for s in ordered)
+    if total == 0:
+        raise PipelineError("the epoch has no samples to plan")
+    begin, end = rank_range(total, world_size, rank, uneven)
+    if drop_last:
+        end = begin + (end - begin) // batch_size * batch_size
+    workers = max(1, num_workers)
+    plans, cursor = [], begin
+    for w, count in enumerate(worker_sample_counts(end - begin, batch_size, workers)):
+        mine = take_range(ordered, cursor, cursor + count)
+        cursor += count
+        plans.append(WorkerPlan(slices=tuple(mine), num_samples=count,
+                                num_batches=math.ceil(count / batch_size),
+                                window_seed=(seed, epoch, 1, rank, w)))
+    return plans

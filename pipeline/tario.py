@@ -1,0 +1,159 @@
+"""A fast reader of whole shards held in memory: an index of every member, no copies.
+
+The loader reads a shard with one request and walks its tar headers here, recording
+where each sample's members lie; member bytes are not copied until a batch is assembled.
+Headers are ustar (with optional pax records for long names); a member that runs past
+the end, a header that does not parse, or a missing end-of-archive marker is a
+:class:`ShardFormatError` naming the shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pipeline.errors import HeaderMismatchError, ShardFormatError
+from pipeline.header import HEADER_MEMBER, header_mismatch
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_HEADER_NAME = HEADER_MEMBER.encode()
+_PAX = ord("x")
+_REGULAR = (ord("0"), 0)
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A whole shard in memory with the position of every sample's members.
+
+    ``offsets[ext][i]`` and ``sizes[ext][i]`` locate member ``ext`` of sample ``i`` in
+    ``data`` (-1 where the sample lacks it). ``error`` says why the walk stopped early
+    (tolerant mode only)."""
+
+    url: str
+    data: bytes
+    keys: list[str]
+    offsets: dict[str, list[int]]
+    sizes: dict[str, list[int]]
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_view", memoryview(self.data))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def member(self, ext: str, i: int) -> memoryview | None:
+        offsets = self.offsets.get(ext)
+        if offsets is None or offsets[i] < 0:
+            return None
+        start = offsets[i]
+        return self._view[start:start + self.sizes[ext][i]]  # type: ignore[attr-defined]
+
+
+def _octal(field: bytes, where: str) -> int:
+    if field and field[0] & 0x80:  # base-256, as GNU tar writes sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    digits = field.strip(b"\0 ")
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError as e:
+        raise ShardFormatError(f"{where}: expected an octal number in a tar header, found {field!r}") from e
+
+
+def _pax_path(data: bytes) -> bytes | None:
+    """The ``path`` record of a pax extended header, if any."""
+    for record in data.split(b"\n"):
+        _, _, keyvalue = record.partition(b" ")
+        key, _, value = keyvalue.partition(b"=")
+        if key == b"path":
+            return value
+    return None
+
+
+def _member_header(buf: bytes, pos: int, url: str, long_name: bytes | None) -> tuple[bytes, int, int]:
+    """``(name, size, typeflag)`` of the ustar header at ``pos``."""
+    if buf[pos + 257:pos + 262] != b"ustar":
+        raise ShardFormatError(f"{url}: byte {pos}: expected a tar header, found corrupt data")
+    nul = buf.find(b"\0", pos, pos + 100)
+    name = long_name or buf[pos:nul if nul >= 0 else pos + 100]
+    if buf[pos + 345] and long_name is None:
+        name = buf[pos + 345:pos + 500].split(b"\0", 1)[0] + b"/" + name
+    try:
+        size = int(buf[pos + 124:pos + 135], 8)
+    except ValueError:
+        size = _octal(buf[pos + 124:pos + 136], f"{url}: member {name!r}")
+    return name, size, buf[pos + 156]
+
+
+def iter_members(buf: bytes, url: str) -> Iterator[tuple[bytes, int, int]]:
+    """``(name, start, size)`` of every regular member, in order."""
+    end, pos = len(buf), 0
+    long_name: bytes | None = None
+    while pos + BLOCK <= end:
+        if buf[pos] == 0 and buf[pos:pos + BLOCK] == _ZERO_BLOCK:
+            return
+        name, size, typeflag = _member_header(buf, pos, url, long_name)
+        start = pos + BLOCK
+        if start + size > end:
+            raise ShardFormatError(f"{url}: member {name.decode(errors='replace')!r}: truncated: expected "
+                                   f"{size} bytes, found {end - start}")
+        pos = start + -(-size // BLOCK) * BLOCK
+        long_name = None
+        if typeflag == _PAX:
+            long_name = _pax_path(buf[start:start + size])
+        elif typeflag in _REGULAR:
+            yield name, start, size
+    raise ShardFormatError(f"{url}: missing end-of-archive marker after byte {pos}: the shard is truncated")
+
+
+class _Columns:
+    """Per-extension offset and size columns, grown one sample at a time."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.offsets: dict[str, list[int]] = {}
+        self.sizes: dict[str, list[int]] = {}
+
+    def add(self, key: str, ext: str, start: int, size: int) -> None:
+        if not self.keys or key != self.keys[-1]:
+            self.keys.append(key)
+            for column in (*self.offsets.values(), *self.sizes.values()):
+                column.append(-1)
+        if ext not in self.offsets:
+            self.offsets[ext] = [-1] * len(self.keys)
+            self.sizes[ext] = [-1] * len(self.keys)
+        self.offsets[ext][-1] = start
+        self.sizes[ext][-1] = size
+
+
+def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
+                tolerant: bool = False) -> ShardIndex:
+    """Index a whole shard. The ``__header__`` member is checked against ``expected_header``
+    (when given) and is not a sample. Members group into samples by key (webdataset's rule:
+    the key ends at the first dot after the last slash). With ``tolerant``, a broken tar
+    ends the index early with ``error`` set instead of raising; a header mismatch always
+    raises."""
+    columns = _Columns()
+    try:
+        for index, (name, start, size) in enumerate(iter_members(data, url)):
+            if name == _HEADER_NAME:
+                if index == 0 and expected_header is not None and data[start:start + size] != expected_header:
+                    raise header_mismatch(url, data[start:start + size], expected_header)
+                continue
+            dot = name.find(b".", name.rfind(b"/") + 1)
+            if dot < 0:
+                raise ShardFormatError(f"{url}: member {name.decode(errors='replace')!r}: expected "
+                                       "<key>.<extension>")
+            columns.add(name[:dot].decode(), name[dot + 1:].decode(), start, size)
+    except HeaderMismatchError:
+        raise
+    except ShardFormatError as e:
+        if not tolerant:
+            raise
+        return ShardIndex(url, data, columns.keys, columns.offsets, columns.sizes, error=str(e))
+    return ShardIndex(url, data, columns.keys, columns.offsets, columns.sizes)
+
+
+def count_samples(buf: bytes, url: str) -> int:
+    return len(index_shard(buf, url))

@@ -1,0 +1,117 @@
+"""Bad shards under both error policies: a clear error by default, exact epochs when skipping."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import make_loader
+from pipeline.errors import HeaderMismatchError, ShardFormatError
+from pipeline.schema import DatasetSchema, Head, ImageSpec
+from shard_tools.convert import convert
+from shard_tools.writer import ShardWriter
+from tests.test_validate import rewrite
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    from shard_tools.synthetic import generate_vimh
+
+    root = tmp_path_factory.mktemp("bad")
+    src = generate_vimh(root / "vimh-8x8x1_b", n_train=48, n_test=4, height=8, width=8, channels=1)
+    convert("vimh", src, root / "out", max_samples=16)
+    return root / "out"
+
+
+@pytest.fixture
+def shards(pristine: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "out"))
+
+
+def count(loader) -> int:
+    return sum(len(keys) for _, _, keys in loader)
+
+
+def test_truncated_shard(shards: Path, caplog) -> None:
+    shard = shards / "train" / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:7000])
+    with pytest.raises(ShardFormatError, match=r"train-000001.tar: member '\d+\.raw': truncated: expected 64 "
+                                               r"bytes|train-000001.tar: .*truncated"):
+        count(make_loader(str(shards), batch_size=8, num_workers=0, with_keys=True))
+    with caplog.at_level(logging.WARNING):
+        n = count(make_loader(str(shards), batch_size=8, num_workers=0, on_error="skip", with_keys=True))
+    assert n == 48
+    assert "train-000001.tar" in caplog.text and "repeating others to keep the epoch exact" in caplog.text
+
+
+def test_missing_label_member(shards: Path, caplog) -> None:
+    rewrite(shards / "train" / "train-000002.tar", lambda m: [x for x in m if x[0] != m[4][0]])
+    with pytest.raises(ShardFormatError, match=r"train-000002.tar: \d{8}.labels.msgpack: missing label member"):
+        count(make_loader(str(shards), batch_size=8, num_workers=2, with_keys=True))
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(str(shards), batch_size=8, num_workers=0, on_error="skip", with_keys=True)
+        assert count(loader) == 48
+    assert "skipped 1 bad sample(s)" in caplog.text and "missing label member" in caplog.text
+
+
+def test_label_out_of_schema(shards: Path) -> None:
+    def drop_head(members):
+        record = msgpack.unpackb(members[2][1])
+        del record["note_number"]
+        members[2] = (members[2][0], msgpack.packb(record))
+        return members
+    rewrite(shards / "train" / "train-000000.tar", drop_head)
+    with pytest.raises(ShardFormatError, match=r"labels do not decode to every head's class \(KeyError"):
+        count(make_loader(str(shards), batch_size=8, num_workers=0, with_keys=True))
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_corrupt_and_misshapen_png_images(tmp_path: Path, caplog) -> None:
+    schema = DatasetSchema(name="pngs", split="train",
+                           image=ImageSpec(height=4, width=5, channels=3, encoding="png", layout="HWC"),
+                           heads=(Head(name="label", kind="class", num_classes=3),))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (4, 5, 3), dtype=np.uint8) for _ in range(10)]
+    with ShardWriter(tmp_path / "train", schema) as writer:
+        for i, image in enumerate(images):
+            data = b"garbage" if i == 3 else _png(image[:, :4] if i == 6 else image)
+            writer.write(f"{i:04d}", [("png", data), ("labels.msgpack", msgpack.packb({"label": {"class": i % 3}}))])
+    with pytest.raises(ShardFormatError, match=r"train-000000.tar: 0003.png: image does not decode"):
+        count(make_loader(str(tmp_path / "train"), batch_size=10, num_workers=0, shuffle=False, with_keys=True))
+    loader = make_loader(str(tmp_path / "train"), batch_size=10, num_workers=0, shuffle=False, on_error="skip",
+                         with_keys=True)
+    with caplog.at_level(logging.WARNING):
+        ((batch, _, keys),) = list(loader)
+    assert batch.shape == (10, 3, 4, 5) and len(keys) == 10
+    assert "0003" not in keys and "0006" not in keys
+    assert np.array_equal(batch[0].permute(1, 2, 0).numpy(), images[0])
+    assert "expected CxHxW (3, 4, 5), found (3, 4, 4)" in caplog.text
+
+
+def test_shards_that_disagree_fail_before_the_first_batch(shards: Path) -> None:
+    def rename(members):
+        header = json.loads(members[0][1])
+        header["heads"][0]["description"] = "changed"
+        return [(members[0][0], json.dumps(header, sort_keys=True, separators=(",", ":")).encode()), *members[1:]]
+    rewrite(shards / "train" / "train-000002.tar", rename)
+    with pytest.raises(HeaderMismatchError, match=r"1 shard\(s\) disagree with the split's schema .*train-000002.tar"):
+        make_loader(str(shards), batch_size=8, num_workers=0)
+
+
+def test_missing_shard(shards: Path) -> None:
+    (shards / "train" / "train-000001.tar").unlink()
+    with pytest.raises(ShardFormatError, match=r"train-000001.tar: shard not found"):
+        make_loader(str(shards), batch_size=8, num_workers=0)

@@ -1,0 +1,75 @@
+"""Shards on a real S3 endpoint (moto's server over HTTP on 127.0.0.1), read through s3fs."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+import s3fs
+import torch
+
+from pipeline import make_loader
+from pipeline.errors import ShardFormatError
+from shard_tools.convert import convert
+from shard_tools.validate import validate
+
+
+@pytest.fixture
+def bucket(tmp_path: Path, vimh_source, s3_options: dict) -> tuple[str, Path]:
+    """Converted shards uploaded to a fresh bucket; returns (s3 root URL, local root)."""
+    out = tmp_path / "shards"
+    convert("vimh", vimh_source(), out, max_samples=16)
+    name = f"b{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.put(str(out) + "/", f"{name}/shards/", recursive=True)
+    fs.invalidate_cache()
+    return f"s3://{name}/shards", out
+
+
+def batches(loader) -> list[tuple[list[str], torch.Tensor]]:
+    return [(keys, images) for images, _, keys in loader]
+
+
+def test_s3_gives_the_same_samples_as_local(bucket, s3_options: dict, tmp_path: Path) -> None:
+    url, local = bucket
+    remote = make_loader(url, batch_size=8, num_workers=2, seed=5, with_keys=True, storage_options=s3_options,
+                         cache_dir=str(tmp_path / "cache"))
+    here = make_loader(str(local), batch_size=8, num_workers=2, seed=5, with_keys=True)
+    got, want = batches(remote), batches(here)
+    assert [k for k, _ in got] == [k for k, _ in want]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True))
+    assert len(list((tmp_path / "cache").glob("*.tar"))) == 3
+
+
+def test_validate_reads_s3(bucket, s3_options: dict) -> None:
+    url, _ = bucket
+    from shard_tools import validate as validate_module
+
+    report = validate_module.validate(url, progress=False, storage_options=s3_options)
+    assert report.ok and report.splits == {"train": 40, "test": 12}
+    assert validate is validate_module.validate
+
+
+def test_missing_object_is_named(bucket, s3_options: dict) -> None:
+    url, _ = bucket
+    s3fs.S3FileSystem(**s3_options).rm(url.removeprefix("s3://") + "/train/train-000001.tar")
+    with pytest.raises(ShardFormatError, match=r"train/train-000001.tar: shard not found"):
+        make_loader(url, batch_size=8, num_workers=0, storage_options=s3_options)
+
+
+def test_bad_credentials_are_named(bucket, s3_endpoint: str, s3_options: dict) -> None:
+    url, _ = bucket
+    bad = {**s3_options, "key": "nobody", "secret": "wrong"}
+    requests.post(f"{s3_endpoint}/moto-api/reset-auth", data=b"0", timeout=10)
+    try:
+        with pytest.raises(ShardFormatError, match=r"train/manifest.json: access denied \(.*\); check the credentials"):
+            make_loader(url + "/train/manifest.json", batch_size=8, num_workers=0, storage_options=bad)
+        with pytest.raises(ShardFormatError, match=r"shards: access denied \(.*\); check the credentials"):
+            make_loader(url, batch_size=8, num_workers=0, storage_options=bad)
+    finally:
+        requests.post(f"{s3_endpoint}/moto-api/reset-auth", data=b"1e30", timeout=10)

@@ -1,21 +1,26 @@
-"""Turning a list of raw samples into one batch: ``(images [B,C,H,W], labels {head: tensor})``.
+"""Turning samples into batches: ``(images [B,C,H,W] uint8, labels {head: tensor})``.
 
-Raw pixels take a fast path: the batch's image members are joined into one buffer and
-viewed as a tensor, with no per-sample library call. PNG/JPEG members are decoded with
-torchvision.io (libjpeg-turbo / libpng; measured faster than Pillow here). Labels come as
-``labels[head]`` (int64 class index) and, for quantized heads, ``labels[head + ".value"]``
-(float32 real value).
+Work per sample is done once per shard, with array operations where it can be: a shard's
+labels are decoded into per-head columns when it is loaded (:class:`DecodedShard`), and
+a batch is a gather of rows. Raw pixels from uniformly laid out shards are gathered as
+rows of a strided view of the shard, with no per-sample call at all. PNG/JPEG members
+are decoded with torchvision.io (libjpeg-turbo / libpng; measured faster than Pillow
+here). Labels are ``labels[head]`` (int64 class index) and, for quantized heads,
+``labels[head + ".value"]`` (float32 real value).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgpack
+import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.errors import ShardFormatError
@@ -26,14 +31,144 @@ log = logging.getLogger(__name__)
 
 LABELS_EXT = "labels.msgpack"
 ERROR_POLICIES = ("raise", "skip")
-Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
-SampleRef = tuple[ShardIndex, int]
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def value_key(head: str) -> str:
     """The label key of a quantized head's real values."""
     return f"{head}.value"
+
+
+@dataclass
+class DecodedShard:
+    """A shard's index plus its labels as per-head columns and the reasons samples are bad."""
+
+    index: ShardIndex
+    classes: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+    problems: dict[int, str] = field(default_factory=dict)
+    pixels: np.ndarray | None = None  # (n, nbytes) view, for uniformly laid out raw shards
+
+
+def _label_columns(index: ShardIndex, schema: DatasetSchema,
+                   problems: dict[int, str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every sample's class (and value) per head; unreadable labels are noted in ``problems``."""
+    n, data = len(index), index.data
+    offsets, sizes = index.offsets.get(LABELS_EXT), index.sizes.get(LABELS_EXT)
+    if offsets is None or sizes is None:
+        offsets = sizes = np.full(n, -1, dtype=np.int64)
+    heads = [(h.name, h.kind == "quantized") for h in schema.heads]
+    classes: dict[str, list[int]] = {name: [] for name, _ in heads}
+    values: dict[str, list[float]] = {name: [] for name, quantized in heads if quantized}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # tens of thousands of short-lived dicts: no cycles to find, only time to lose
+    try:
+        for i, (start, size) in enumerate(zip(offsets.tolist(), sizes.tolist(), strict=True)):
+            problem = _append_labels(data, start, size, heads, classes, values)
+            if problem is not None:
+                problems[i] = problem
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return ({k: np.asarray(v, dtype=np.int64) for k, v in classes.items()},
+            {k: np.asarray(v, dtype=np.float32) for k, v in values.items()})
+
+
+def _append_labels(data: bytes, start: int, size: int, heads: list[tuple[str, bool]],
+                   classes: dict[str, list[int]], values: dict[str, list[float]]) -> str | None:
+    """Append one sample's labels to the columns (-1 / NaN when unreadable, with the reason)."""
+    if start < 0:
+        reason = f"{LABELS_EXT}: missing label member"
+    else:
+        try:
+            record = msgpack.unpackb(data[start:start + size])
+            row = [(name, record[name]["class"], record[name].get("value", np.nan) if quantized else None)
+                   for name, quantized in heads]
+        except (msgpack.UnpackException, ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = f"{LABELS_EXT}: labels do not decode to every head's class ({e!r})"
+        else:
+            for name, cls, value in row:
+                classes[name].append(cls)
+                if value is not None:
+                    values[name].append(value)
+            return None
+    for name, quantized in heads:
+        classes[name].append(-1)
+        if quantized:
+            values[name].append(np.nan)
+    return reason
+
+
+def decode_shard(index: ShardIndex, schema: DatasetSchema) -> DecodedShard:
+    """Labels of every sample as columns, and every missing or misshapen member noted."""
+    spec, n = schema.image, len(index)
+    problems: dict[int, str] = {}
+    classes, values = _label_columns(index, schema, problems)
+    offsets = index.offsets.get(spec.encoding, np.full(n, -1, dtype=np.int64))
+    sizes = index.sizes.get(spec.encoding, np.full(n, -1, dtype=np.int64))
+    for i in np.flatnonzero(offsets < 0).tolist():
+        problems.setdefault(i, f"{spec.encoding}: missing image member")
+    pixels = None
+    if spec.encoding == "raw":
+        for i in np.flatnonzero((offsets >= 0) & (sizes != spec.nbytes)).tolist():
+            problems.setdefault(i, f"raw: raw image expected {spec.nbytes} bytes ({spec.describe()}), "
+                                   f"found {int(sizes[i])}")
+        if index.stride is not None and n and not problems:
+            pixels = np.lib.stride_tricks.as_strided(
+                np.frombuffer(index.data, np.uint8, offset=int(offsets[0])), shape=(n, spec.nbytes),
+                strides=(index.stride, 1), writeable=False)
+    return DecodedShard(index, classes, values, problems, pixels)
+
+
+@dataclass
+class BatchRefs:
+    """The samples of one batch: ``shards[which[j]]``, sample ``where[j]``, for j in order."""
+
+    shards: list[DecodedShard]
+    which: np.ndarray
+    where: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+IMAGES = "images"
+Field = tuple[str, str, tuple[int, ...]]  # name, torch dtype name, shape
+
+
+@dataclass
+class PackedBatch:
+    """A batch as one uint8 buffer plus the layout of its fields (see :func:`unpack`)."""
+
+    buffer: torch.Tensor
+    fields: tuple[Field, ...]
+    keys: list[str]
+
+
+def _field_sizes(fields: tuple[Field, ...]) -> list[tuple[int, int]]:
+    """(offset, nbytes) of each field, each starting 8-byte aligned."""
+    spans, offset = [], 0
+    for _, dtype, shape in fields:
+        nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
+        spans.append((offset, nbytes))
+        offset += -(-nbytes // 8) * 8
+    return spans
+
+
+def allocate(fields: tuple[Field, ...], *, shared: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One buffer for every field (in shared memory if asked), and a typed view of each."""
+    spans = _field_sizes(fields)
+    total = spans[-1][0] + spans[-1][1] if spans else 0
+    buffer = torch.empty(-(-total // 8) * 8, dtype=torch.uint8)
+    if shared:
+        buffer.share_memory_()
+    return buffer, unpack(buffer, fields)
+
+
+def unpack(buffer: torch.Tensor, fields: tuple[Field, ...]) -> dict[str, torch.Tensor]:
+    """Typed views of a packed buffer's fields."""
+    return {name: buffer[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)
+            for (name, dtype, shape), (offset, nbytes) in zip(fields, _field_sizes(fields), strict=True)}
 
 
 @dataclass
@@ -49,13 +184,6 @@ class ErrorCounter:
             self.examples.append(reason)
 
 
-@dataclass
-class _Checked:
-    key: str
-    record: dict[str, Any]
-    image: memoryview | torch.Tensor
-
-
 class BatchAssembler:
     """Builds batches for one schema; picklable, so it travels to dataloader workers."""
 
@@ -67,84 +195,123 @@ class BatchAssembler:
         self.errors = ErrorCounter()
         self._mode = ImageReadMode.GRAY if schema.image.channels == 1 else ImageReadMode.RGB
 
-    def __call__(self, refs: Sequence[SampleRef]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
-        good = [checked for index, i in refs if (checked := self._checked(index, i)) is not None]
-        if len(good) < len(refs):
-            if not good:
-                raise ShardFormatError(f"{refs[0][0].url}: every sample of a batch is bad "
-                                       f"(first: {self.errors.examples[-1]})")
-            good = [good[i % len(good)] for i in range(len(refs))]  # keep the batch size exact
-        return self._images(good), self._labels([g.record for g in good]), [g.key for g in good]
+    def __call__(self, refs: BatchRefs, with_keys: bool = False) -> PackedBatch:
+        """One batch packed into one buffer (in shared memory inside a dataloader worker, so
+        it crosses to the main process without another copy)."""
+        refs, decoded = self._sound(refs)
+        keys = [refs.shards[k].index.keys[i] for k, i in zip(refs.which.tolist(), refs.where.tolist(),
+                                                               strict=True)] if with_keys else []
+        fast = self.schema.image.encoding == "raw" and self.transform is None
+        images = None if fast else self._images(refs, decoded)
+        fields = self._fields(len(refs), images)
+        buf, views = allocate(fields, shared=get_worker_info() is not None)
+        if images is None:
+            self._gather_pixels(refs, views[IMAGES].numpy().reshape(len(refs), -1))
+        else:
+            views[IMAGES].copy_(images)
+        self._fill_labels(refs, views)
+        return PackedBatch(buf, fields, keys)
 
-    def _bad(self, index: ShardIndex, i: int, ext: str, reason: str) -> _Checked | None:
-        """Raise, or count the bad sample and drop it (None)."""
-        message = f"{index.url}: {index.keys[i]}.{ext}: {reason}"
+    def _fields(self, n: int, images: torch.Tensor | None) -> tuple[Field, ...]:
+        spec = self.schema.image
+        image_field = (IMAGES, "uint8", (n, *spec.shape_chw)) if images is None else \
+            (IMAGES, str(images.dtype).removeprefix("torch."), tuple(images.shape))
+        labels: list[Field] = []
+        for head in self.schema.heads:
+            labels.append((head.name, "int64", (n,)))
+            if head.kind == "quantized":
+                labels.append((value_key(head.name), "float32", (n,)))
+        return (image_field, *labels)
+
+    def _fail(self, shard: DecodedShard, i: int, reason: str) -> None:
+        message = f"{shard.index.url}: {shard.index.keys[i]}.{reason}"
         if self.on_error == "raise":
             raise ShardFormatError(message)
         self.errors.add(message)
-        return None
 
-    def _checked(self, index: ShardIndex, i: int) -> _Checked | None:
-        """Sample ``i`` with its label record (and decoded image) if sound, else None (or raise)."""
+    def _sound(self, refs: BatchRefs) -> tuple[BatchRefs, dict[int, torch.Tensor]]:
+        """The batch with bad samples replaced by good ones of the same batch (or an error),
+        and the decoded images of encoded formats by batch position."""
+        bad: list[int] = []
+        decoded: dict[int, torch.Tensor] = {}
+        for j, (k, i) in enumerate(zip(refs.which.tolist(), refs.where.tolist(), strict=True)):
+            shard = refs.shards[k]
+            reason = shard.problems.get(i)
+            if reason is None and self.schema.image.encoding != "raw":
+                image, reason = self._decode(shard, i)
+                decoded[j] = image  # type: ignore[assignment]
+            if reason is not None:
+                self._fail(shard, i, reason)
+                bad.append(j)
+        if not bad:
+            return refs, decoded
+        good = [j for j in range(len(refs)) if j not in set(bad)]
+        if not good:
+            raise ShardFormatError(f"{refs.shards[0].index.url}: every sample of a batch is bad "
+                                   f"(last: {self.errors.examples[-1]})")
+        pick = np.asarray([good[j % len(good)] for j in range(len(refs))])  # keep the batch size exact
+        remapped = {n: decoded[j] for n, j in enumerate(pick.tolist()) if j in decoded}
+        return BatchRefs(refs.shards, refs.which[pick], refs.where[pick]), remapped
+
+    def _decode(self, shard: DecodedShard, i: int) -> tuple[torch.Tensor | None, str | None]:
         spec = self.schema.image
-        image: memoryview | torch.Tensor | None = index.member(spec.encoding, i)
-        if image is None:
-            return self._bad(index, i, spec.encoding, "missing image member")
-        if spec.encoding == "raw" and len(image) != spec.nbytes:
-            return self._bad(index, i, "raw", f"raw image expected {spec.nbytes} bytes "
-                                              f"({spec.describe()}), found {len(image)}")
-        labels = index.member(LABELS_EXT, i)
-        if labels is None:
-            return self._bad(index, i, LABELS_EXT, "missing label member")
+        data = shard.index.member(spec.encoding, i)
         try:
-            record = msgpack.unpackb(labels)
-            for head in self.schema.heads:
-                record[head.name]["class"]  # presence check
-        except (msgpack.UnpackException, ValueError, KeyError, TypeError) as e:
-            return self._bad(index, i, LABELS_EXT, f"labels do not decode to every head's class ({e!r})")
-        if spec.encoding != "raw":
-            try:
-                image = self._decode(image)  # type: ignore[arg-type]
-            except (RuntimeError, ValueError) as e:
-                return self._bad(index, i, spec.encoding, f"image does not decode ({e})")
-        return _Checked(index.keys[i], record, image)
-
-    def _decode(self, data: memoryview) -> torch.Tensor:
-        spec = self.schema.image
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self._mode)
+            image = decode_image(torch.frombuffer(bytearray(data or b""), dtype=torch.uint8), mode=self._mode)
+        except (RuntimeError, ValueError) as e:
+            return None, f"{spec.encoding}: image does not decode ({e})"
         if tuple(image.shape) != spec.shape_chw:
-            raise ValueError(f"expected CxHxW {spec.shape_chw}, found {tuple(image.shape)}")
-        return image
+            return None, f"{spec.encoding}: image expected CxHxW {spec.shape_chw}, found {tuple(image.shape)}"
+        return image, None
 
-    def _images(self, samples: Sequence[_Checked]) -> torch.Tensor:
+    def _groups(self, refs: BatchRefs) -> list[tuple[DecodedShard, np.ndarray | slice, np.ndarray]]:
+        """(shard, batch positions, sample positions) for each shard the batch draws from."""
+        if len(refs.shards) == 1 or (refs.which == refs.which[0]).all():
+            return [(refs.shards[int(refs.which[0])], slice(None), refs.where)]
+        return [(refs.shards[k], mask, refs.where[mask])
+                for k in np.unique(refs.which).tolist() if (mask := refs.which == k).any()]
+
+    def _gather_pixels(self, refs: BatchRefs, out: np.ndarray) -> None:
+        """Raw pixels of the batch into ``out`` (n, nbytes), stored as CHW."""
+        spec = self.schema.image
+        for shard, at, rows in self._groups(refs):
+            out[at] = shard.pixels[rows] if shard.pixels is not None else _gather(shard, rows, spec.nbytes)
+        if spec.layout == "HWC":
+            hwc = out.reshape(len(refs), spec.height, spec.width, spec.channels)
+            out[:] = hwc.transpose(0, 3, 1, 2).reshape(len(refs), -1)
+
+    def _images(self, refs: BatchRefs, decoded: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The batch's images as one tensor, through the per-sample transform if any."""
         spec = self.schema.image
         if spec.encoding == "raw":
-            joined = torch.frombuffer(bytearray().join(s.image for s in samples),  # type: ignore[misc]
-                                      dtype=torch.uint8)
-            if spec.layout == "CHW":
-                batch = joined.view(len(samples), *spec.shape_chw)
-            else:
-                batch = joined.view(len(samples), spec.height, spec.width, spec.channels).permute(0, 3, 1, 2)
-            if self.transform is None:
-                return batch.contiguous()
-            images = list(batch.unbind(0))
+            flat = np.empty((len(refs), spec.nbytes), dtype=np.uint8)
+            self._gather_pixels(refs, flat)
+            images = list(torch.from_numpy(flat).view(len(refs), *spec.shape_chw).unbind(0))
         else:
-            images = [s.image for s in samples]  # type: ignore[misc]
+            images = [decoded[j] for j in range(len(refs))]
         if self.transform is not None:
             images = [self.transform(image) for image in images]
         return torch.stack(images)
 
-    def _labels(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        labels: dict[str, torch.Tensor] = {}
+    def _fill_labels(self, refs: BatchRefs, views: dict[str, torch.Tensor]) -> None:
+        groups = self._groups(refs)
         for head in self.schema.heads:
-            entries = [r[head.name] for r in records]
-            labels[head.name] = torch.tensor([e["class"] for e in entries], dtype=torch.int64)
+            columns = [(head.name, "classes")]
             if head.kind == "quantized":
-                labels[value_key(head.name)] = torch.tensor([e.get("value", float("nan")) for e in entries],
-                                                            dtype=torch.float32)
-        return labels
+                columns.append((value_key(head.name), "values"))
+            for key, kind in columns:
+                out = views[key].numpy()
+                for shard, at, rows in groups:
+                    out[at] = getattr(shard, kind)[head.name][rows]
 
     def log_errors(self, where: str) -> None:
         if self.errors.count:
             log.warning("%s: skipped %d bad sample(s) (replaced within their batch); first: %s",
                         where, self.errors.count, "; ".join(self.errors.examples))
+
+
+def _gather(shard: DecodedShard, rows: np.ndarray, size: int) -> np.ndarray:
+    """Raw pixels of ``rows`` (each ``size`` bytes) from a shard without a uniform layout."""
+    offsets, view = shard.index.offsets["raw"], memoryview(shard.index.data)
+    joined = b"".join(view[o:o + size] for o in offsets[rows].tolist())
+    return np.frombuffer(joined, dtype=np.uint8).reshape(len(rows), size)

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.batching import BatchAssembler, SampleRef, Transform
+from pipeline.batching import IMAGES, BatchAssembler, BatchRefs, DecodedShard, Transform, decode_shard, unpack
 from pipeline.errors import PipelineError, ShardFormatError
 from pipeline.header import header_bytes
 from pipeline.planning import Slice, WorkerPlan, batches_done_per_worker, epoch_rng, plan_epoch
 from pipeline.schema import DatasetSchema
 from pipeline.storage import read_shard
-from pipeline.tario import ShardIndex, index_shard
+from pipeline.tario import index_shard
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +58,31 @@ class StreamConfig:
 
 
 class _ShardCache:
-    """The last shard indexed by this worker (consecutive slices often share a shard)."""
+    """The last shard loaded by this worker (consecutive slices often share a shard)."""
 
     def __init__(self, config: StreamConfig) -> None:
         self.config, self.header = config, header_bytes(config.schema)
-        self.index: ShardIndex | None = None
+        self.shard: DecodedShard | None = None
 
-    def get(self, url: str) -> ShardIndex:
-        if self.index is None or self.index.url != url:
+    def get(self, url: str) -> DecodedShard:
+        if self.shard is None or self.shard.index.url != url:
             c = self.config
             data = read_shard(url, storage_options=c.storage_options, retries=c.retries,
                               cache_dir=c.cache_dir, allow_pipe=c.allow_pipe)
-            self.index = index_shard(data, url, self.header, tolerant=c.on_error == "skip")
-            if self.index.error:
-                log.warning("%s", self.index.error)
-        return self.index
+            index = index_shard(data, url, self.header, tolerant=c.on_error == "skip")
+            if index.error:
+                log.warning("%s", index.error)
+            self.shard = decode_shard(index, c.schema)
+        return self.shard
 
 
-def _slice_positions(piece: Slice, index: ShardIndex, config: StreamConfig) -> np.ndarray:
+def _slice_positions(piece: Slice, shard: DecodedShard, config: StreamConfig) -> np.ndarray:
     """Sample positions of one slice (as many as the shard has, in ``skip`` mode)."""
-    if len(index) < piece.stop and config.on_error == "raise":
+    have = len(shard.index)
+    if have < piece.stop and config.on_error == "raise":
         raise ShardFormatError(f"{piece.url}: expected at least {piece.stop} samples (from the manifest), "
-                               f"found {len(index)}")
-    return np.arange(piece.start, min(piece.stop, len(index)))
+                               f"found {have}")
+    return np.arange(piece.start, min(piece.stop, have))
 
 
 def _windows(slices: Sequence[Slice], size: int) -> list[list[Slice]]:
@@ -93,9 +95,10 @@ def _windows(slices: Sequence[Slice], size: int) -> list[list[Slice]]:
     return [w for w in windows if w]
 
 
-def stream_refs(plan: WorkerPlan, config: StreamConfig, skip: int = 0) -> Iterator[SampleRef]:
-    """A worker's samples in epoch order, starting after the first ``skip``. Within each
-    window of ``shuffle_buffer`` samples the order is a seeded permutation."""
+def stream_windows(plan: WorkerPlan, config: StreamConfig, skip: int = 0) -> Iterator[BatchRefs]:
+    """A worker's samples in epoch order, one window at a time, starting after the first
+    ``skip``. Within each window of ``shuffle_buffer`` samples the order is a seeded
+    permutation."""
     cache = _ShardCache(config)
     size = config.shuffle_buffer if config.shuffle else 1
     for number, window in enumerate(_windows(plan.slices, max(1, size))):
@@ -103,8 +106,8 @@ def stream_refs(plan: WorkerPlan, config: StreamConfig, skip: int = 0) -> Iterat
         if skip >= count:
             skip -= count
             continue
-        indexes = [cache.get(piece.url) for piece in window]
-        positions = [_slice_positions(p, index, config) for p, index in zip(window, indexes, strict=True)]
+        shards = [cache.get(piece.url) for piece in window]
+        positions = [_slice_positions(p, shard, config) for p, shard in zip(window, shards, strict=True)]
         which = np.concatenate([np.full(len(p), k) for k, p in enumerate(positions)])
         where = np.concatenate(positions)
         if len(where) == 0:
@@ -116,9 +119,38 @@ def stream_refs(plan: WorkerPlan, config: StreamConfig, skip: int = 0) -> Iterat
         if config.shuffle:
             order = epoch_rng(*plan.window_seed, number).permutation(count)
             which, where = which[order], where[order]
-        for k, i in zip(which[skip:].tolist(), where[skip:].tolist(), strict=True):
-            yield indexes[k], i
+        yield BatchRefs(shards, which[skip:], where[skip:])
         skip = 0
+
+
+def cut_batches(windows: Iterator[BatchRefs], batch_size: int) -> Iterator[BatchRefs]:
+    """Consecutive batches of ``batch_size`` samples (the last may be short) across windows."""
+    pending: list[BatchRefs] = []
+    held = 0
+    for window in windows:
+        start = 0
+        while held + len(window) - start >= batch_size:
+            take = batch_size - held
+            pending.append(BatchRefs(window.shards, window.which[start:start + take],
+                                     window.where[start:start + take]))
+            yield _join(pending)
+            pending, held, start = [], 0, start + take
+        if start < len(window):
+            pending.append(BatchRefs(window.shards, window.which[start:], window.where[start:]))
+            held += len(window) - start
+    if pending:
+        yield _join(pending)
+
+
+def _join(parts: list[BatchRefs]) -> BatchRefs:
+    if len(parts) == 1:
+        return parts[0]
+    shards: list[DecodedShard] = []
+    whichs = []
+    for part in parts:
+        whichs.append(part.which + len(shards))
+        shards.extend(part.shards)
+    return BatchRefs(shards, np.concatenate(whichs), np.concatenate([p.where for p in parts]))
 
 
 class ShardStream(IterableDataset):
@@ -126,23 +158,27 @@ class ShardStream(IterableDataset):
 
     def __init__(self, config: StreamConfig, assembler: BatchAssembler, with_keys: bool = False) -> None:
         self.config, self.assembler, self.with_keys = config, assembler, with_keys
-        self.epoch = 0
-        self.batches_done = 0
+        # (epoch, batches already done): in shared memory, so persistent workers see each
+        # pass's values without being restarted
+        self.control = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def start(self, epoch: int, batches_done: int) -> None:
+        """Set the pass the next iteration (in this process or in workers) produces."""
+        self.control[0], self.control[1] = epoch, batches_done
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         workers = max(1, self.config.num_workers)
+        epoch, batches_done = (int(x) for x in self.control.tolist())
         # The DataLoader polls its workers round-robin from worker 0; after a resume at batch
         # k, worker 0 must therefore play the planned worker that makes batch k.
-        worker = ((info.id if info is not None else 0) + self.batches_done) % workers
-        plan = self.config.plan(self.epoch)[worker]
-        done = batches_done_per_worker(self.batches_done, workers)[worker]
-        refs = stream_refs(plan, self.config, skip=done * self.config.batch_size)
-        for _ in range(plan.num_batches - done):
-            batch = list(itertools.islice(refs, self.config.batch_size))
-            images, labels, keys = self.assembler(batch)
-            yield (images, labels, keys) if self.with_keys else (images, labels)
-        self.assembler.log_errors(f"rank {self.config.rank} worker {worker} epoch {self.epoch}")
+        worker = ((info.id if info is not None else 0) + batches_done) % workers
+        plan = self.config.plan(epoch)[worker]
+        done = batches_done_per_worker(batches_done, workers)[worker]
+        windows = stream_windows(plan, self.config, skip=done * self.config.batch_size)
+        for refs in itertools.islice(cut_batches(windows, self.config.batch_size), plan.num_batches - done):
+            yield self.assembler(refs, with_keys=self.with_keys)
+        self.assembler.log_errors(f"rank {self.config.rank} worker {worker} epoch {epoch}")
 
 
 class ShardLoader:
@@ -159,6 +195,7 @@ class ShardLoader:
         self.epoch = 0
         self._resume = 0
         self._done = 0
+        self._loader: DataLoader | None = None
 
     @property
     def schema(self) -> DatasetSchema:
@@ -176,15 +213,26 @@ class ShardLoader:
         if epoch != self.epoch:
             self.epoch, self._resume = epoch, 0
 
+    def _dataloader(self) -> DataLoader:
+        """One DataLoader for the loader's life: its workers persist across epochs."""
+        if self._loader is None:
+            workers = self.stream.config.num_workers
+            self._loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
+                                      pin_memory=self.pin_memory, persistent_workers=workers > 0,
+                                      prefetch_factor=self.prefetch_factor if workers else None,
+                                      timeout=self.timeout)
+        return self._loader
+
     def __iter__(self) -> Iterator[Any]:
-        self.stream.epoch, self.stream.batches_done = self.epoch, self._resume
-        workers = self.stream.config.num_workers
-        loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if workers else None, timeout=self.timeout)
+        self.stream.start(self.epoch, self._resume)
+        loader = self._dataloader()
         self._done = self._resume
-        for batch in loader:
+        with_keys = self.stream.with_keys
+        for packed in loader:
             self._done += 1
-            yield batch
+            fields = unpack(packed.buffer, packed.fields)
+            images = fields.pop(IMAGES)
+            yield (images, fields, packed.keys) if with_keys else (images, fields)
         self.epoch, self._resume, self._done = self.epoch + 1, 0, 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipeline.errors import HeaderMismatchError, ShardFormatError
 from pipeline.header import HEADER_MEMBER, header_mismatch
 
@@ -27,18 +29,18 @@ class ShardIndex:
     """A whole shard in memory with the position of every sample's members.
 
     ``offsets[ext][i]`` and ``sizes[ext][i]`` locate member ``ext`` of sample ``i`` in
-    ``data`` (-1 where the sample lacks it). ``error`` says why the walk stopped early
-    (tolerant mode only)."""
+    ``data`` (-1 where the sample lacks it). ``stride`` is set when every sample occupies the
+    same number of bytes (then member ``ext`` of sample ``i`` starts at
+    ``offsets[ext][0] + i * stride``). ``error`` says why the walk stopped early (tolerant
+    mode only)."""
 
     url: str
     data: bytes
     keys: list[str]
-    offsets: dict[str, list[int]]
-    sizes: dict[str, list[int]]
+    offsets: dict[str, np.ndarray]
+    sizes: dict[str, np.ndarray]
+    stride: int | None = None
     error: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_view", memoryview(self.data))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -47,8 +49,8 @@ class ShardIndex:
         offsets = self.offsets.get(ext)
         if offsets is None or offsets[i] < 0:
             return None
-        start = offsets[i]
-        return self._view[start:start + self.sizes[ext][i]]  # type: ignore[attr-defined]
+        start = int(offsets[i])
+        return memoryview(self.data)[start:start + int(self.sizes[ext][i])]
 
 
 def _octal(field: bytes, where: str) -> int:
@@ -126,6 +128,11 @@ class _Columns:
         self.offsets[ext][-1] = start
         self.sizes[ext][-1] = size
 
+    def index(self, url: str, data: bytes, error: str | None = None) -> ShardIndex:
+        arrays = {e: np.asarray(v, dtype=np.int64) for e, v in self.offsets.items()}
+        sizes = {e: np.asarray(v, dtype=np.int64) for e, v in self.sizes.items()}
+        return ShardIndex(url, data, self.keys, arrays, sizes, error=error)
+
 
 def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
                 tolerant: bool = False) -> ShardIndex:
@@ -133,10 +140,11 @@ def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
     (when given) and is not a sample. Members group into samples by key (webdataset's rule:
     the key ends at the first dot after the last slash). With ``tolerant``, a broken tar
     ends the index early with ``error`` set instead of raising; a header mismatch always
-    raises."""
-    columns = _Columns()
+    raises. Shards whose samples all have the same layout (fixed-size images, as raw
+    pixels give) are indexed with vectorized checks instead of a walk over every header."""
+    columns, walk = _Columns(), iter_members(data, url)
     try:
-        for index, (name, start, size) in enumerate(iter_members(data, url)):
+        for index, (name, start, size) in enumerate(walk):
             if name == _HEADER_NAME:
                 if index == 0 and expected_header is not None and data[start:start + size] != expected_header:
                     raise header_mismatch(url, data[start:start + size], expected_header)
@@ -145,14 +153,56 @@ def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
             if dot < 0:
                 raise ShardFormatError(f"{url}: member {name.decode(errors='replace')!r}: expected "
                                        "<key>.<extension>")
+            if len(columns.keys) == 1 and name[:dot].decode() != columns.keys[0]:
+                uniform = uniform_index(data, url, columns, start - BLOCK)
+                if uniform is not None:
+                    return uniform
             columns.add(name[:dot].decode(), name[dot + 1:].decode(), start, size)
     except HeaderMismatchError:
         raise
     except ShardFormatError as e:
         if not tolerant:
             raise
-        return ShardIndex(url, data, columns.keys, columns.offsets, columns.sizes, error=str(e))
-    return ShardIndex(url, data, columns.keys, columns.offsets, columns.sizes)
+        return columns.index(url, data, error=str(e))
+    return columns.index(url, data)
+
+
+def uniform_index(data: bytes, url: str, first: _Columns, second_start: int) -> ShardIndex | None:
+    """The index of a shard whose samples all repeat the first sample's layout (same member
+    names after the key, same padded sizes), checked for every sample with array operations;
+    None when any sample differs (the caller then walks every header)."""
+    first_header = min(int(o[0]) for o in first.offsets.values()) - BLOCK
+    stride = second_start - first_header
+    count = (len(data) - first_header) // stride
+    table = np.frombuffer(data, np.uint8, count * stride, first_header).reshape(count, stride)
+    key = first.keys[0].encode()
+    valid = np.ones(count, dtype=bool)
+    offsets, sizes = {}, {}
+    for ext, column in first.offsets.items():
+        at = int(column[0]) - BLOCK - first_header
+        name = np.frombuffer((key + b"." + ext.encode()).ljust(100, b"\0"), np.uint8)
+        valid &= (table[:, at + len(key):at + 100] == name[len(key):]).all(axis=1)
+        valid &= (table[:, at + 257:at + 262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1)
+        valid &= (table[:, at:at + len(key)] == table[:, :len(key)]).all(axis=1)  # one key per sample
+        digits = table[:, at + 124:at + 135].astype(np.int64) - ord("0")
+        valid &= ((digits >= 0) & (digits < 8)).all(axis=1)
+        size = digits @ (8 ** np.arange(10, -1, -1, dtype=np.int64))
+        valid &= -(-size // BLOCK) == -(-int(first.sizes[ext][0]) // BLOCK)
+        offsets[ext], sizes[ext] = first_header + BLOCK + at + np.arange(count, dtype=np.int64) * stride, size
+    count = int(np.argmin(valid)) if not valid.all() else count
+    tail = first_header + count * stride
+    if count < 2 or len(data) - tail < 2 * BLOCK or data[tail:].strip(b"\0"):
+        return None
+    keys = _split_keys(table[:count, :len(key)])
+    return ShardIndex(url, data, keys, {e: o[:count] for e, o in offsets.items()},
+                      {e: v[:count] for e, v in sizes.items()}, stride=stride)
+
+
+def _split_keys(rows: np.ndarray) -> list[str]:
+    """Equal-length keys from a (count, length) byte table."""
+    text = rows.tobytes().decode()
+    width = rows.shape[1]
+    return [text[i:i + width] for i in range(0, len(text), width)]
 
 
 def count_samples(buf: bytes, url: str) -> int:

@@ -11,6 +11,8 @@ DATASET ?= vimh
 DATA    ?= data
 SRC     ?=
 OUT     ?= $(DATA)/shards/$(DATASET)
+EXPERIMENT ?= $(DATASET)_cnn
+ARGS    ?=
 DEMO_SRC := $(DATA)/sources/vimh-32x32x3_demo
 PYTEST_ARGS ?=
 
@@ -31,10 +33,11 @@ install: $(STAMP) ## Create .venv and install the project with its test tools (p
 $(DEMO_SRC)/vimh_dataset_info.json: | $(STAMP)
 	$(BIN)/shards generate $(DEMO_SRC) --train 4096 --test 1024 --size 32x32x3 --heads 2
 
-demo: $(STAMP) $(DEMO_SRC)/vimh_dataset_info.json ## Main job end to end on a built-in synthetic VIMH source
+demo: $(STAMP) $(DEMO_SRC)/vimh_dataset_info.json ## Main job end to end: generate, convert, validate, train, per-head metrics
 	$(BIN)/shards convert vimh $(DEMO_SRC) $(DATA)/shards/demo --max-samples 1024
 	$(BIN)/shards validate $(DATA)/shards/demo --decode
 	$(BIN)/shards inspect $(DATA)/shards/demo --grid $(DATA)/shards/demo/grid.png
+	$(BIN)/python -m training.train experiment=vimh_demo data.train=$(DATA)/shards/demo paths.log_dir=$(DATA)/logs
 
 shards: $(STAMP) ## Convert a source: make shards DATASET=vimh [SRC=dir] [OUT=dir]
 	@if [ "$(DATASET)" != "vimh" ]; then echo "DATASET=$(DATASET): only vimh is supported so far"; exit 2; fi
@@ -44,8 +47,8 @@ shards: $(STAMP) ## Convert a source: make shards DATASET=vimh [SRC=dir] [OUT=di
 validate: $(STAMP) ## Validate shards: make validate [OUT=dir] (decodes every image)
 	$(BIN)/shards validate $(OUT) --decode --json $(OUT)/validation.json
 
-train: $(STAMP) ## Train a multihead model (not built yet: see issue 4)
-	@echo "make train: the trainer is not built yet (issue 4)"; exit 2
+train: $(STAMP) ## Train: make train DATASET=vimh [EXPERIMENT=vimh_cnn] [OUT=shards] [ARGS="trainer.max_epochs=5"]
+	$(BIN)/python -m training.train experiment=$(EXPERIMENT) data.train=$(OUT) $(ARGS)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev,bench]"

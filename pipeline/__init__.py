@@ -21,10 +21,10 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     """``make_loader`` and ``ShardLoader`` import torch: load them only when asked for."""
-    if name == "make_loader":
-        from pipeline.api import make_loader
+    if name in ("make_loader", "read_schema"):
+        from pipeline import api
 
-        return make_loader
+        return getattr(api, name)
     if name == "ShardLoader":
         from pipeline.loader import ShardLoader
 
@@ -32,4 +32,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 
-__all__ += ["ShardLoader", "make_loader"]
+__all__ += ["ShardLoader", "make_loader", "read_schema"]

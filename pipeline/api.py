@@ -30,6 +30,13 @@ def _pick_split(sets: list[ShardSet], split: str | None, source: object) -> Shar
                            f"{[s.label for s in sets]}")
 
 
+def read_schema(source: str | Sequence[str], *, split: str | None = "train",
+                storage_options: dict[str, Any] | None = None) -> DatasetSchema:
+    """The schema of one split (from its manifest, else its first shard's header)."""
+    shards = _pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
+    return shards.manifest.schema if shards.manifest else read_header(shards.urls[0], storage_options)
+
+
 def check_headers(urls: Sequence[str], expected: DatasetSchema | None,
                   storage_options: dict[str, Any] | None) -> DatasetSchema:
     """The split's schema; every shard's header must equal it (all mismatches are listed)."""

@@ -1,0 +1,175 @@
+"""The Lightning/Hydra trainer on tiny generated shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from pipeline.errors import SchemaError, ShardFormatError
+from pipeline.schema import DatasetSchema
+from tests.fakes import class_shards, vimh_shards
+from training.datamodule import MultiheadDataModule
+from training.train import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def config(tmp_path: Path, *overrides: str, name: str = "train") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(name, overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}",
+                                        "data.num_workers=0", "trainer.enable_progress_bar=false", *overrides])
+
+
+@pytest.fixture(scope="module")
+def data_roots(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {"vimh": vimh_shards(root), "cifar100mh": class_shards(root, "cifar100mh"),
+            "imagenet100": class_shards(root, "imagenet100")}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_fast_dev_run(tmp_path: Path, data_roots, experiment: str) -> None:
+    dataset = experiment.split("_")[0]
+    cfg = config(tmp_path, f"experiment={experiment}", f"data.train={data_roots[dataset]}",
+                 "trainer.fast_dev_run=true", "data.batch_size=8")
+    metrics = train(cfg)
+    assert "train/loss" in metrics or "train/loss_step" in metrics
+    assert any(k.startswith("val/") and k.endswith("_acc") for k in metrics)
+
+
+def test_demo_settings_learn_every_head(tmp_path: Path) -> None:
+    """Well above chance (1/13 and 1/9) after 3 epochs over 1024 samples."""
+    root = vimh_shards(tmp_path, n_train=1024, n_test=256, size=16, channels=1)
+    cfg = config(tmp_path, "experiment=vimh_demo", f"data.train={root}", "trainer.max_epochs=3",
+                 "data.batch_size=64", "logger=csv")
+    metrics = train(cfg)
+    assert metrics["test/note_number_acc"] > 0.5 and metrics["test/note_velocity_acc"] > 0.5, metrics
+    assert 0.0 <= metrics["train/data_stall_share"] < 1.0
+
+
+def test_missing_head_labels_are_masked(data_roots) -> None:
+    import hydra
+
+    cfg = config(Path("/tmp"), f"data.train={data_roots['cifar100mh']}")
+    schema = MultiheadDataModule(str(data_roots["cifar100mh"]), num_workers=0).schema
+    model = hydra.utils.instantiate(cfg.model, _partial_=True)(schema=schema)
+    images = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = {"fine": torch.tensor([1, 2, 3, 4, 5, 6]), "coarse": torch.tensor([-1, -1, -1, 3, 4, -1])}
+    outputs = model(images)
+    base = model.losses(outputs, labels)
+    perturbed = dict(outputs)
+    perturbed["coarse"] = outputs["coarse"].clone()
+    perturbed["coarse"][[0, 1, 2, 5]] += 100 * torch.randn(4, 20)
+    again = model.losses(perturbed, labels)
+    assert torch.equal(base["coarse"], again["coarse"]) and torch.equal(base["fine"], again["fine"])
+    none_labelled = {"fine": labels["fine"], "coarse": torch.full((6,), -1)}
+    loss = model.losses(outputs, none_labelled)["coarse"]
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_unknown_loss_weight_is_refused(tmp_path: Path, data_roots) -> None:
+    cfg = config(tmp_path, f"data.train={data_roots['vimh']}", "+model.loss_weights.nope=2.0",
+                 "trainer.fast_dev_run=true")
+    with pytest.raises(SchemaError, match=r"loss_weights names heads \['nope'\] that dataset .* does not have"):
+        train(cfg)
+
+
+def test_missing_dataset_fails_before_training(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "experiment=cifar100mh_cnn", f"data.train={tmp_path / 'nowhere'}")
+    with pytest.raises(ShardFormatError, match=r"nowhere: no such file or directory"):
+        train(cfg)
+    done = subprocess.run([sys.executable, "-m", "training.train", "experiment=cifar100mh_cnn",
+                           f"data.train={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "nowhere: no such file or directory" in done.stdout + done.stderr
+
+
+def test_checkpoint_from_other_heads_fails_before_training(tmp_path: Path, data_roots) -> None:
+    cfg = config(tmp_path, f"data.train={data_roots['vimh']}", "trainer.max_epochs=1", "test=false",
+                 "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
+    train(cfg)
+    ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    other = config(tmp_path, "experiment=cifar100mh_cnn", f"data.train={data_roots['cifar100mh']}",
+                   f"ckpt_path={ckpt}")
+    with pytest.raises(SchemaError, match=r"the checkpoint's heads \[\('note_number', 'quantized', 13\)"):
+        train(other)
+
+
+def test_evaluate_writes_metrics_and_confusion_matrices(tmp_path: Path, data_roots) -> None:
+    from training.evaluate import evaluate
+
+    train(config(tmp_path, f"data.train={data_roots['vimh']}", "trainer.max_epochs=1", "test=false"))
+    checkpoint = tmp_path / "out/checkpoints/last.ckpt"
+    cfg = config(tmp_path, f"data.train={data_roots['vimh']}", f"ckpt_path={checkpoint}", name="eval")
+    summary = evaluate(cfg)
+    assert set(summary["heads"]) == {"note_number", "note_velocity"}
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["heads"]["note_number"]["samples"] == 32
+    assert (tmp_path / "out" / "confusion_note_number.png").stat().st_size > 1000
+
+
+def test_training_from_s3(tmp_path: Path, data_roots, s3_options: dict) -> None:
+    import boto3
+    import s3fs
+
+    boto3.client("s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="train-data")
+    s3fs.S3FileSystem(**s3_options).put(str(data_roots["vimh"]) + "/", "train-data/vimh/", recursive=True)
+    endpoint = s3_options["client_kwargs"]["endpoint_url"]
+    options = f"{{key: testing, secret: testing, client_kwargs: {{endpoint_url: '{endpoint}'}}}}"
+    cfg = config(tmp_path, "data.train=s3://train-data/vimh", "trainer.max_epochs=1", f"data.storage_options={options}")
+    metrics = train(cfg)
+    assert "test/note_number_acc" in metrics
+
+
+class _Recorder(L.Callback):
+    def __init__(self, crash_at: int | None = None) -> None:
+        self.keys: list[str] = []
+        self.crash_at = crash_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.crash_at is not None and batch_idx == self.crash_at:
+            raise RuntimeError("simulated crash")
+        if trainer.current_epoch == 0:
+            self.keys += batch[2]
+
+
+def _fit(root: Path, tmp_path: Path, recorder: _Recorder, ckpt: str | None = None) -> None:
+    import hydra
+
+    datamodule = MultiheadDataModule(str(root), batch_size=4, num_workers=2, with_keys=True, seed=3)
+    cfg = config(tmp_path, f"data.train={root}")
+    model = hydra.utils.instantiate(cfg.model, _partial_=True)(schema=datamodule.schema)
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5, save_top_k=-1,
+                                                filename="{step}")
+    trainer = L.Trainer(max_epochs=1, callbacks=[recorder, saver], logger=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+
+
+def test_resumed_run_sees_each_sample_of_the_epoch_once(tmp_path: Path, data_roots) -> None:
+    root = data_roots["vimh"]
+    first = _Recorder(crash_at=7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(root, tmp_path, first)
+    second = _Recorder()
+    _fit(root, tmp_path, second, ckpt=str(tmp_path / "ck" / "step=5.ckpt"))
+    seen = first.keys[:5 * 4] + second.keys
+    assert len(seen) == 64 and len(set(seen)) == 64
+
+
+def test_datamodule_refuses_a_split_with_other_heads(tmp_path: Path, data_roots) -> None:
+    datamodule = MultiheadDataModule(str(data_roots["vimh"]), test=str(data_roots["cifar100mh"]), num_workers=0)
+    assert isinstance(datamodule.schema, DatasetSchema)
+    with pytest.raises(SchemaError, match=r"test split 'test' of .*cifar100mh: heads \['fine', 'coarse'\] differ"):
+        datamodule.test_dataloader()

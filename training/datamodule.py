@@ -1,0 +1,113 @@
+"""MultiheadDataModule: train/val/test splits streamed by ``pipeline.make_loader``.
+
+The schema is read when the module is built, so the model can size its heads from it
+and unreachable or missing shards fail before training starts. The train loader's place
+in its epoch is saved in Lightning checkpoints (``state_dict``) as the number of batches
+trained, so a resumed run continues with the next batch of the same epoch order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+
+from pipeline import make_loader, read_schema
+from pipeline.errors import SchemaError
+from pipeline.loader import ShardLoader
+from pipeline.schema import DatasetSchema
+
+log = logging.getLogger(__name__)
+Source = str | Sequence[str]
+
+
+class _EpochSetter:
+    """Lightning calls ``sampler.set_epoch(epoch)`` on every train loader before an epoch."""
+
+    def __init__(self, loader: ShardLoader) -> None:
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+
+class LightningLoader:
+    """A ShardLoader as Lightning sees it: iterable, sized, told the epoch."""
+
+    def __init__(self, loader: ShardLoader) -> None:
+        self.loader = loader
+        self.sampler = _EpochSetter(loader)
+        self.batch_sampler = None  # Lightning looks for samplers here; there are none to replace
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class MultiheadDataModule(L.LightningDataModule):
+    """Shards for training and evaluation; ``val``/``test`` default to ``train``'s source."""
+
+    def __init__(self, train: Source, val: Source | None = None, test: Source | None = None, *,
+                 train_split: str = "train", val_split: str = "test", test_split: str = "test",
+                 batch_size: int = 256, eval_batch_size: int | None = None, num_workers: int = 2,
+                 seed: int = 0, shuffle_buffer: int = 4096, drop_last: bool = False, on_error: str = "raise",
+                 storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
+                 with_keys: bool = False) -> None:
+        super().__init__()
+        self.sources = {"train": (train, train_split), "val": (val or train, val_split),
+                        "test": (test or train, test_split)}
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.options = {"num_workers": num_workers, "storage_options": storage_options, "cache_dir": cache_dir,
+                        "on_error": on_error, "with_keys": with_keys}
+        self.seed, self.shuffle_buffer, self.drop_last = seed, shuffle_buffer, drop_last
+        self.schema: DatasetSchema = read_schema(train, split=train_split, storage_options=storage_options)
+        self._resume: dict[str, int] | None = None
+        self._train: ShardLoader | None = None
+
+    def check_split(self, stage: str) -> DatasetSchema:
+        """The schema of a stage's split; its heads must be the training split's."""
+        source, split = self.sources[stage]
+        schema = read_schema(source, split=split, storage_options=self.options["storage_options"])
+        if [h.to_dict() for h in schema.heads] != [h.to_dict() for h in self.schema.heads]:
+            raise SchemaError(f"{stage} split {split!r} of {source}: heads {list(schema.head_names)} differ "
+                              f"from the training split's {list(self.schema.head_names)}")
+        return schema
+
+    def train_dataloader(self) -> LightningLoader:
+        source, split = self.sources["train"]
+        self._train = make_loader(source, split=split, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                                  shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last, **self.options)
+        if self._resume is not None:
+            state = {**self._train.state_dict(), **self._resume}
+            self._train.load_state_dict(state)
+            log.info("train loader resumes at epoch %d after %d batches", state["epoch"], state["batches_done"])
+            self._resume = None
+        return LightningLoader(self._train)
+
+    def _eval_loader(self, stage: str) -> LightningLoader:
+        self.check_split(stage)
+        source, split = self.sources[stage]
+        return LightningLoader(make_loader(source, split=split, batch_size=self.eval_batch_size, shuffle=False,
+                                           uneven="pad", **self.options))
+
+    def val_dataloader(self) -> LightningLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> LightningLoader:
+        return self._eval_loader("test")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the train loader is: the epoch and how many of its batches were trained."""
+        trainer = self.trainer
+        if trainer is None or self._train is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}

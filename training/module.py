@@ -1,0 +1,136 @@
+"""MultiheadModule: one LightningModule for every dataset; its heads come from the schema."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanAbsoluteError
+from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.batching import value_key
+from pipeline.errors import SchemaError
+from pipeline.schema import DatasetSchema
+from training.backbones import Backbone
+from training.losses import HeadLoss
+
+STAGES = ("train", "val", "test")
+
+
+def head_signature(schema: DatasetSchema) -> list[tuple[str, str, int]]:
+    return [(h.name, h.kind, h.num_classes) for h in schema.heads]
+
+
+def check_same_heads(model: DatasetSchema, data: DatasetSchema, what: str = "model") -> None:
+    """Raise SchemaError naming every difference between the model's heads and the data's."""
+    mine, theirs = head_signature(model), head_signature(data)
+    if mine != theirs:
+        raise SchemaError(f"the {what}'s heads {mine} do not match the data's heads {theirs} "
+                          f"(dataset {data.name!r}); train a new model or point the data at a matching dataset")
+
+
+class MultiheadModule(L.LightningModule):
+    """A backbone plus one head per schema head. ``backbone``, ``optimizer`` and ``scheduler``
+    are factories (Hydra ``_partial_``): ``backbone(image=schema.image)``,
+    ``optimizer(params=...)``, ``scheduler(optimizer=...)``."""
+
+    def __init__(self, schema: DatasetSchema | Mapping[str, Any], backbone: Callable[..., Backbone],
+                 optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None = None, loss_weights: Mapping[str, float] | None = None,
+                 quantized_loss: str = "ce") -> None:
+        super().__init__()
+        self.schema = schema if isinstance(schema, DatasetSchema) else DatasetSchema.from_dict(schema)
+        weights = dict(loss_weights or {})
+        unknown = sorted(set(weights) - set(self.schema.head_names))
+        if unknown:
+            raise SchemaError(f"loss_weights names heads {unknown} that dataset {self.schema.name!r} does not have; "
+                              f"its heads: {list(self.schema.head_names)}")
+        self.save_hyperparameters({"schema": self.schema.to_dict(), "loss_weights": weights,
+                                   "quantized_loss": quantized_loss})
+        self.backbone = backbone(image=self.schema.image)
+        self.heads = nn.ModuleDict({h.name: HeadLoss(h, self.backbone.out_features, quantized_loss)
+                                    for h in self.schema.heads})
+        self.weights = {h.name: float(weights.get(h.name, 1.0)) for h in self.schema.heads}
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.accuracy = nn.ModuleDict({f"{stage}_{h.name}": MulticlassAccuracy(h.num_classes, ignore_index=-1,
+                                                                               average="micro")
+                                       for stage in STAGES for h in self.schema.heads})
+        self.mae = nn.ModuleDict({f"{stage}_{h.name}": MeanAbsoluteError()
+                                  for stage in STAGES for h in self.schema.heads if h.kind == "quantized"})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.float().div(255).sub(0.5).div(0.25) if images.dtype == torch.uint8 else images
+        features = self.backbone(x)
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def losses(self, outputs: Mapping[str, torch.Tensor],
+               labels: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each head's loss; samples with a missing label (class < 0) count for nothing."""
+        return {name: head.loss(outputs[name], labels[name], labels.get(value_key(name)))  # type: ignore[operator]
+                for name, head in self.heads.items()}
+
+    def _step(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]], stage: str) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        outputs = self(images)
+        losses = self.losses(outputs, labels)
+        total = sum(self.weights[name] * loss for name, loss in losses.items())
+        for name, head in self.heads.items():
+            classes, values = head.predict(outputs[name])  # type: ignore[operator]
+            self.accuracy[f"{stage}_{name}"].update(classes, labels[name])
+            mask = labels[name] >= 0
+            if values is not None and bool(mask.any()):
+                self.mae[f"{stage}_{name}"].update(values[mask], labels[value_key(name)][mask])
+            self.log(f"{stage}/{name}_loss", losses[name], on_step=False, on_epoch=True, batch_size=len(images))
+        self.log(f"{stage}/loss", total, on_step=stage == "train", on_epoch=True, prog_bar=True,  # type: ignore[arg-type]
+                 batch_size=len(images))
+        return total  # type: ignore[return-value]
+
+    def _epoch_end(self, stage: str) -> None:
+        accuracies = []
+        for head in self.schema.heads:
+            accuracy = self.accuracy[f"{stage}_{head.name}"]
+            if accuracy.update_count:
+                value = accuracy.compute()
+                accuracies.append(value)
+                self.log(f"{stage}/{head.name}_acc", value, sync_dist=False)
+            accuracy.reset()
+            if head.kind == "quantized":
+                mae = self.mae[f"{stage}_{head.name}"]
+                if mae.update_count:
+                    self.log(f"{stage}/{head.name}_mae", mae.compute())
+                mae.reset()
+        if accuracies:
+            self.log(f"{stage}/mean_acc", torch.stack(accuracies).mean(), prog_bar=stage != "train")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "schema", None) is not None:
+            check_same_heads(self.schema, datamodule.schema)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
+                                                         "interval": "epoch"}}

@@ -62,6 +62,7 @@ def machine_info(packages: Iterable[str] = ()) -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu_count": os.cpu_count(), "usable_cpus": usable, "cpu_model": cpu_model(),
             "platform": platform.platform(), "python": sys.version.split()[0],
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "versions": package_versions(packages)}
 
 

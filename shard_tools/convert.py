@@ -1,4 +1,5 @@
-"""The shared conversion driver: source format → shuffled samples → one writer per split."""
+"""The shared conversion driver: source format → shuffled blocks of samples → one writer per
+split. Checks, label records and tar members are built a block at a time with numpy."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import ConversionError
-from pipeline.labels import EXTRA_KEY, encode_labels, label_record
+from pipeline.labels import LabelEncoder
 from pipeline.manifest import Manifest
 from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
-from shard_tools.converters import SourceFormat, SourceSample, get_format
-from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, ShardWriter
+from shard_tools.converters import SampleBlock, SourceFormat, get_format
+from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, Rows, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def sample_order(n: int, *, shuffle: bool, seed: int) -> list[int]:
     """Source indices in write order: a seeded permutation, or source order."""
     if not shuffle:
         return list(range(n))
-    return [int(i) for i in np.random.default_rng(seed).permutation(n)]
+    return [int(i) for i in np.random.default_rng(seed).permutation(n).tolist()]
 
 
 def sample_key(index: int) -> str:
@@ -31,18 +32,47 @@ def sample_key(index: int) -> str:
     return f"{index:08d}"
 
 
-def check_sample(schema: DatasetSchema, sample: SourceSample, where: str) -> None:
-    """Raise ConversionError when a source sample does not fit its schema."""
-    image = schema.image
-    if image.encoding == "raw" and len(sample.image) != image.nbytes:
-        raise ConversionError(f"{where}: sample {sample.index}: image has {len(sample.image)} "
-                              f"bytes, expected H*W*C = {image.nbytes} ({image.describe()})")
-    for head in schema.heads:
-        value = sample.labels.get(head.name)
-        limit = QUANTIZATION_LEVELS if head.kind == "quantized" else head.num_classes
-        if value is None or not 0 <= value < limit:
-            raise ConversionError(f"{where}: sample {sample.index}: head {head.name!r} expected "
-                                  f"a value in 0..{limit - 1}, found {value!r}")
+def sample_keys(indices: np.ndarray) -> list[str]:
+    """:func:`sample_key` of each index."""
+    return [f"{index:08d}" for index in indices.tolist()]
+
+
+def image_sizes(block: SampleBlock) -> np.ndarray:
+    """The byte size of each image of a block."""
+    if isinstance(block.images, np.ndarray):
+        return np.full(len(block), block.images.shape[1], dtype=np.int64)
+    return np.fromiter((len(image) for image in block.images), dtype=np.int64, count=len(block))
+
+
+def check_shapes(schema: DatasetSchema, block: SampleBlock, where: str) -> None:
+    """Raise ConversionError when a block's columns do not line up (a converter bug)."""
+    n, images, labels = len(block), block.images, block.labels
+    if (len(images) != n or (isinstance(images, np.ndarray) and images.ndim != 2)
+            or labels.shape != (n, len(schema.heads)) or labels.dtype.kind not in "iu"):
+        raise ConversionError(f"{where}: a block of {n} samples has {len(images)} images and "
+                              f"{labels.dtype} labels of shape {labels.shape}; expected {n} images "
+                              f"and integer labels of shape ({n}, {len(schema.heads)})")
+
+
+def check_block(schema: DatasetSchema, block: SampleBlock, where: str) -> None:
+    """Raise ConversionError, naming the first bad sample, when a block does not fit its schema."""
+    check_shapes(schema, block, where)
+    heads, sizes = schema.heads, image_sizes(block)
+    ok = np.ones((len(block), 1 + len(heads)), dtype=bool)
+    if schema.image.encoding == "raw":
+        ok[:, 0] = sizes == schema.image.nbytes
+    limits = [QUANTIZATION_LEVELS if head.kind == "quantized" else head.num_classes for head in heads]
+    for j, limit in enumerate(limits):
+        ok[:, j + 1] = (block.labels[:, j] >= 0) & (block.labels[:, j] < limit)
+    if ok.all():
+        return
+    row = int(np.flatnonzero(~ok.all(axis=1))[0])
+    col, index = int(np.flatnonzero(~ok[row])[0]), int(block.indices[row])
+    if col == 0:
+        raise ConversionError(f"{where}: sample {index}: image has {int(sizes[row])} bytes, "
+                              f"expected H*W*C = {schema.image.nbytes} ({schema.image.describe()})")
+    raise ConversionError(f"{where}: sample {index}: head {heads[col - 1].name!r} expected a value "
+                          f"in 0..{limits[col - 1] - 1}, found {int(block.labels[row, col - 1])!r}")
 
 
 def stage_split(fmt: SourceFormat, src: Path, split: str, out: Path, *, shuffle: bool = True,
@@ -54,16 +84,15 @@ def stage_split(fmt: SourceFormat, src: Path, split: str, out: Path, *, shuffle:
     ext = schema.image.encoding
     writer = ShardWriter(out / split, schema, max_samples=max_samples, max_bytes=max_bytes,
                          publish_on_exit=False)
+    encoder = LabelEncoder(schema)
     with writer, tqdm(total=len(order), desc=f"{schema.name}/{split}", unit="sample",
                       disable=None, leave=False) as bar:
-        for sample in fmt.iter_samples(src, split, order):
-            check_sample(schema, sample, f"{src} ({split})")
-            record = label_record(schema, sample.labels)
-            if sample.extra:
-                record[EXTRA_KEY] = dict(sample.extra)
-            writer.write(sample_key(sample.index), [(ext, sample.image),
-                                                    ("labels.msgpack", encode_labels(record))])
-            bar.update()
+        for block in fmt.iter_blocks(src, split, order):
+            check_block(schema, block, f"{src} ({split})")
+            images = Rows(block.images) if isinstance(block.images, np.ndarray) else block.images
+            labels = Rows(*encoder.encode(block.labels, block.extra))
+            writer.write_block(sample_keys(block.indices), [(ext, images), ("labels.msgpack", labels)])
+            bar.update(len(block))
     return writer
 
 

@@ -2,7 +2,9 @@
 
 Every shard starts with the ``__header__`` member, then each sample's members in the
 order given. Tar headers carry fixed metadata (mtime 0, uid/gid 0, mode 0644), so the
-same samples in the same order give byte-identical shards. Shards are written under a
+same samples in the same order give byte-identical shards, whether they come one at a
+time (:meth:`ShardWriter.write`) or as blocks whose tar members are built with numpy in
+one go (:meth:`ShardWriter.write_block`, the converter's path). Shards are written under a
 hidden staging directory and moved into place, with the manifest last, only when the
 whole split is complete; a failed run removes its staging directory and leaves any
 earlier output untouched.
@@ -14,11 +16,15 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tarfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Literal
+
+import numpy as np
 
 from pipeline.errors import ConversionError
 from pipeline.header import HEADER_MEMBER, header_bytes
@@ -32,6 +38,7 @@ RECORD = 20 * BLOCK
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 STAGING_DIR = ".staging"
+FLUSH_BYTES = 1 << 20  # small writes are gathered into batches of about this size
 
 
 def _reference_header(name: str, size: int, fmt: Literal[0, 1, 2] = tarfile.USTAR_FORMAT) -> bytes:
@@ -51,6 +58,7 @@ _TEMPLATE[0:100] = bytes(100)
 _TEMPLATE[124:136] = bytes(12)
 _TEMPLATE[148:156] = b" " * 8
 _TEMPLATE_SUM = sum(_TEMPLATE)
+_TEMPLATE_ROW = np.frombuffer(bytes(_TEMPLATE), dtype=np.uint8)
 _MAX_FAST_SIZE = 8**11 - 1
 
 
@@ -69,6 +77,27 @@ def tar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+def _octal(values: np.ndarray, digits: int) -> np.ndarray:
+    """Zero-padded octal ASCII digits of each value, one row per value."""
+    shifts = 3 * np.arange(digits - 1, -1, -1, dtype=np.int64)
+    return ((values.astype(np.int64)[:, None] >> shifts) & 7).astype(np.uint8) + ord("0")
+
+
+def tar_headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Many ustar header blocks at once, as ``(n, 512)`` uint8; row ``i`` equals
+    ``tar_header(name_i, sizes[i])`` (tested). ``names`` are the NUL-padded ``(n, 100)``
+    name fields; sizes must be below 8 GiB."""
+    headers = np.empty((len(sizes), BLOCK), dtype=np.uint8)
+    headers[:] = _TEMPLATE_ROW
+    headers[:, :100] = names
+    headers[:, 124:135] = _octal(sizes, 11)
+    checksum = (_TEMPLATE_SUM + names.sum(axis=1, dtype=np.int64)
+                + headers[:, 124:135].sum(axis=1, dtype=np.int64))
+    headers[:, 148:154] = _octal(checksum, 6)
+    headers[:, 154] = 0
+    return headers
+
+
 def tar_member(name: str, data: bytes) -> bytes:
     """One ustar member (header block, data, zero padding) with fixed metadata."""
     return tar_header(name, len(data)) + data + bytes(-len(data) % BLOCK)
@@ -80,23 +109,114 @@ def tar_end(size_so_far: int) -> bytes:
     return b"\0" * (2 * BLOCK + (-size % RECORD))
 
 
+@dataclass(frozen=True)
+class Rows:
+    """One member of every sample of a block: sample ``i``'s data is ``data[i, :lengths[i]]``
+    (the whole row when ``lengths`` is None). Bytes after a sample's data must be zero."""
+
+    data: np.ndarray
+    lengths: np.ndarray | None = None
+
+    def sizes(self) -> np.ndarray:
+        if self.lengths is None:
+            return np.full(len(self.data), self.data.shape[1], dtype=np.int64)
+        return self.lengths
+
+    def row(self, i: int) -> bytes:
+        end = self.data.shape[1] if self.lengths is None else int(self.lengths[i])
+        return self.data[i, :end].tobytes()
+
+
+Member = Rows | Sequence[bytes]  # one member of every sample of a block
+
+
+def _name_fields(keys: np.ndarray, suffix: bytes) -> np.ndarray | None:
+    """NUL-padded tar name fields ``<key><suffix>`` of ASCII ``keys`` (an ``S`` array), or
+    None when a name would not fit the 100-byte field."""
+    n, width = len(keys), keys.dtype.itemsize
+    if width + len(suffix) > 100:
+        return None
+    names = np.zeros((n, 100), dtype=np.uint8)
+    names[:, :width] = keys.view(np.uint8).reshape(n, width)
+    lengths = np.char.str_len(keys)
+    tail = np.frombuffer(suffix, dtype=np.uint8)
+    if (lengths == width).all():
+        names[:, width:width + len(tail)] = tail
+    else:
+        names[np.arange(n)[:, None], lengths[:, None] + np.arange(len(tail))] = tail
+    return names
+
+
+def tar_block(keys: Sequence[str], members: Sequence[tuple[str, Member]]) -> np.ndarray | None:
+    """The tar members of a block of samples as one ``(n, sample_bytes)`` uint8 array, row
+    ``i`` equal to sample ``i``'s :func:`tar_member` bytes; None unless every sample has the
+    same padded size and every name is ASCII and fits the name field."""
+    if not len(keys):
+        return None
+    try:
+        key_bytes = np.array(keys, dtype="S")
+    except UnicodeEncodeError:
+        return None
+    parts = []
+    for ext, rows in members:
+        if not isinstance(rows, Rows):
+            return None
+        sizes = rows.sizes()
+        blocks = -(-sizes // BLOCK)
+        names = _name_fields(key_bytes, f".{ext}".encode())
+        if names is None or blocks.min() != blocks.max() or sizes.max() > _MAX_FAST_SIZE:
+            return None
+        parts.append((tar_headers(names, sizes), rows.data, BLOCK * int(blocks[0])))
+    out = np.zeros((len(keys), sum(BLOCK + span for _, _, span in parts)), dtype=np.uint8)
+    start = 0
+    for headers, data, span in parts:
+        width = min(data.shape[1], span)
+        out[:, start:start + BLOCK] = headers
+        out[:, start + BLOCK:start + BLOCK + width] = data[:, :width]
+        start += BLOCK + span
+    return out
+
+
 class _HashingFile:
-    """A write-only file that tracks sha256 and size as bytes go through."""
+    """A write-only file that tracks sha256 and size as bytes go through; small writes
+    are gathered and written (and hashed) in batches of about ``FLUSH_BYTES``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._sha = hashlib.sha256()
+        self._pending: list[bytes | memoryview] = []
+        self._pending_size = 0
         self.size = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
+        size = memoryview(data).nbytes
+        self.size += size
+        if size >= FLUSH_BYTES:
+            self._flush()
+            self._emit(data)
+            return
+        self._pending.append(data)
+        self._pending_size += size
+        if self._pending_size >= FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._emit(b"".join(self._pending))
+            self._pending, self._pending_size = [], 0
+
+    def _emit(self, data: bytes | memoryview) -> None:
         self._f.write(data)
         self._sha.update(data)
-        self.size += len(data)
 
     def close(self) -> str:
+        self._flush()
         self._f.close()
         return self._sha.hexdigest()
+
+    def discard(self) -> None:
+        self._f.close()
 
 
 class ShardWriter:
@@ -154,11 +274,37 @@ class ShardWriter:
         shard.write(blob)
         self._count += 1
 
+    def write_block(self, keys: Sequence[str], members: Sequence[tuple[str, Member]]) -> None:
+        """Append ``len(keys)`` samples at once, as :meth:`write` would one by one:
+        ``members`` are ``(extension, data)`` pairs, data holding one entry per sample."""
+        blob = tar_block(keys, members)
+        if blob is None:
+            for i, key in enumerate(keys):
+                self.write(key, [(ext, rows.row(i) if isinstance(rows, Rows) else rows[i])
+                                 for ext, rows in members])
+            return
+        pos = 0
+        while pos < len(blob):
+            shard = self._file or self._start_shard()
+            room = self._room(shard, blob.shape[1])
+            if room < 1 and self._count:
+                self._finish_shard(shard)
+                continue
+            take = min(max(room, 1), len(blob) - pos)
+            shard.write(blob[pos:pos + take].reshape(-1).data)
+            self._count += take
+            pos += take
+
+    def _room(self, shard: _HashingFile, sample_size: int) -> int:
+        """How many more samples of ``sample_size`` bytes the open shard takes."""
+        room = sys.maxsize if self.max_samples is None else self.max_samples - self._count
+        if self.max_bytes is not None:
+            limit = self.max_bytes - self.max_bytes % RECORD - 2 * BLOCK  # end blocks, record padding
+            room = min(room, (limit - shard.size) // sample_size)
+        return max(room, 0)
+
     def _full(self, shard: _HashingFile, incoming: int) -> bool:
-        if self.max_samples is not None and self._count >= self.max_samples:
-            return True
-        end = shard.size + incoming + 2 * BLOCK
-        return self.max_bytes is not None and end + (-end % RECORD) > self.max_bytes
+        return self._room(shard, incoming) < 1
 
     def _shard_name(self, index: int) -> str:
         return f"{self.schema.split}-{index:06d}.tar"
@@ -210,6 +356,6 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop everything staged; earlier output in ``out_dir`` stays as it was."""
         if self._file is not None:
-            self._file.close()
+            self._file.discard()
             self._file = None
         shutil.rmtree(self._staging, ignore_errors=True)

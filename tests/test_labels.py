@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import msgpack
+import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ShardFormatError
-from pipeline.labels import decode_labels, encode_labels, label_problems, label_record
+from pipeline.labels import (
+    EXTRA_KEY,
+    MAX_TABLE,
+    LabelEncoder,
+    decode_labels,
+    encode_labels,
+    label_problems,
+    label_record,
+)
 from pipeline.schema import DatasetSchema, Head, ImageSpec
 
 SCHEMA = DatasetSchema(name="d", split="train", image=ImageSpec(4, 4, 1), heads=(
@@ -58,3 +67,53 @@ def test_value_must_match_q() -> None:
 def test_undecodable_labels(data: bytes, message: str) -> None:
     with pytest.raises(ShardFormatError, match=message):
         decode_labels(data, "labels")
+
+
+@st.composite
+def heads(draw: st.DrawFn, index: int) -> Head:
+    name = draw(st.sampled_from(["pitch", "x", "a_rather_long_head_name_of_thirty_two"])) + f"_{index}"
+    if draw(st.booleans()):
+        return Head(name=name, kind="class", num_classes=draw(st.sampled_from([1, 5, 200, 70_000])))
+    low = draw(st.floats(-1e6, 1e6))
+    high = low + draw(st.floats(1e-3, 1e6))
+    return Head.quantized(name, low, high, draw(st.one_of(st.none(), st.floats(1e-2, 1e5))))
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[DatasetSchema, np.ndarray, dict[str, np.ndarray]]:
+    n_heads, n = draw(st.integers(1, 4)), draw(st.integers(1, 12))
+    schema = DatasetSchema(name="d", split="train", image=ImageSpec(4, 4, 1),
+                           heads=tuple(draw(heads(i)) for i in range(n_heads)))
+    values = np.array([[draw(st.integers(0, (255 if h.kind == "quantized" else h.num_classes - 1)))
+                        for h in schema.heads] for _ in range(n)], dtype=np.int64)
+    floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
+    extra: dict[str, np.ndarray] = {}
+    if draw(st.booleans()):
+        extra["scale_factors"] = np.array(draw(st.lists(st.tuples(floats32, floats32), min_size=n,
+                                                        max_size=n)), dtype=np.float32).reshape(n, 2)
+    if draw(st.booleans()):
+        extra["gain"] = np.array(draw(st.lists(st.floats(), min_size=n, max_size=n)), dtype=np.float64)
+    return schema, values, extra
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches())
+def test_label_encoder_equals_msgpack_of_label_record(batch: tuple[DatasetSchema, np.ndarray, dict]) -> None:
+    """The table-built bytes equal msgpack.packb(record) for any heads, q values and floats."""
+    schema, values, extra = batch
+    rows, lengths = LabelEncoder(schema).encode(values, extra)
+    for i, row in enumerate(values):
+        record: dict = label_record(schema, dict(zip(schema.head_names, row.tolist(), strict=True)))
+        if extra:
+            record[EXTRA_KEY] = {name: column[i].tolist() for name, column in extra.items()}
+        assert rows[i, :lengths[i]].tobytes() == msgpack.packb(record, use_bin_type=True) == encode_labels(record)
+        assert not rows[i, lengths[i]:].any()
+
+
+def test_label_encoder_handles_heads_too_large_to_table() -> None:
+    schema = DatasetSchema(name="d", split="train", image=ImageSpec(4, 4, 1),
+                           heads=(Head(name="big", kind="class", num_classes=MAX_TABLE * 4),))
+    values = np.array([[0], [MAX_TABLE * 4 - 1], [MAX_TABLE], [0]])
+    rows, lengths = LabelEncoder(schema).encode(values)
+    assert [decode_labels(rows[i, :lengths[i]].tobytes())["big"]["class"] for i in range(4)] == \
+        [0, MAX_TABLE * 4 - 1, MAX_TABLE, 0]

@@ -1,31 +1,137 @@
-"""The shard writer: tar headers equal tarfile's, size limits, atomic publication."""
+"""The shard writer: tar headers equal tarfile's, block writes equal sample writes, size
+limits, atomic publication."""
 
 from __future__ import annotations
 
+import io
 import tarfile
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConversionError
-from pipeline.header import read_header
+from pipeline.header import HEADER_MEMBER, header_bytes, read_header
 from pipeline.labels import encode_labels
 from pipeline.schema import DatasetSchema, Head, ImageSpec
-from shard_tools.convert import convert
-from shard_tools.converters import vimh
-from shard_tools.writer import RECORD, ShardWriter, _reference_header, tar_end, tar_header, tar_member
+from shard_tools.convert import check_block, convert
+from shard_tools.converters import SampleBlock, vimh
+from shard_tools.converters.vimh_files import _parse_each, _parse_table
+from shard_tools.writer import (
+    RECORD,
+    Rows,
+    ShardWriter,
+    _reference_header,
+    tar_block,
+    tar_end,
+    tar_header,
+    tar_headers,
+    tar_member,
+)
 
 SCHEMA = DatasetSchema(name="w", split="train", image=ImageSpec(4, 4, 1),
                        heads=(Head(name="c", kind="class", num_classes=2),))
 LABELS = encode_labels({"c": {"class": 1}})
+NAMES = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=100)
 
 
-@given(st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=100),
-       st.integers(0, 8**11 - 1))
+@given(NAMES, st.integers(0, 8**11 - 1))
 def test_fast_tar_header_equals_tarfile(name: str, size: int) -> None:
     assert tar_header(name, size) == _reference_header(name, size)
+
+
+@given(st.lists(st.tuples(NAMES, st.integers(0, 8**11 - 1)), min_size=1, max_size=20))
+def test_vectorized_tar_headers_equal_tar_header(members: list[tuple[str, int]]) -> None:
+    names = np.array([name for name, _ in members], dtype="S100").view(np.uint8).reshape(-1, 100)
+    headers = tar_headers(names, np.array([size for _, size in members], dtype=np.int64))
+    for row, (name, size) in zip(headers, members, strict=True):
+        assert row.tobytes() == tar_header(name, size)
+
+
+KEYS = st.text("0123456789abc_-", min_size=0, max_size=12)
+
+
+@given(st.lists(st.tuples(KEYS, st.binary(max_size=1100), st.binary(min_size=1, max_size=80)),
+                min_size=1, max_size=12), st.sampled_from(["raw", "png", "labels.msgpack", "x" * 90]))
+def test_tar_block_equals_tar_members_or_declines(samples: list[tuple[str, bytes, bytes]], ext: str) -> None:
+    keys = [key for key, _, _ in samples]
+    first = _padded([image for _, image, _ in samples])
+    second = _padded([labels for _, _, labels in samples])
+    block = tar_block(keys, [(ext, first), ("labels.msgpack", second)])
+    expected = [tar_member(f"{key}.{ext}", image) + tar_member(f"{key}.labels.msgpack", labels)
+                for key, image, labels in samples]
+    same_size = len({len(e) for e in expected}) == 1
+    fits = all(len(f"{key}.{ext}") <= 100 for key in keys)
+    assert (block is not None) == (same_size and fits)
+    if block is not None:
+        assert [row.tobytes() for row in block] == expected
+
+
+def _padded(datas: list[bytes]) -> Rows:
+    width = max(len(d) for d in datas)
+    rows = np.zeros((len(datas), width + 3), dtype=np.uint8)
+    for i, d in enumerate(datas):
+        rows[i, :len(d)] = np.frombuffer(d, dtype=np.uint8)
+    return Rows(rows, np.array([len(d) for d in datas]))
+
+
+def tarfile_archive(members: list[tuple[str, bytes]]) -> bytes:
+    """The same members written by :mod:`tarfile` with the writer's fixed metadata."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_fast_block_path_equals_tarfile(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(50, 16), dtype=np.uint8)
+    labels = [encode_labels({"c": {"class": int(i % 2)}}) for i in range(50)]
+    keys = [f"{i:08d}" for i in rng.permutation(50)]
+    with ShardWriter(tmp_path, SCHEMA, max_samples=None) as w:
+        for start in (0, 7, 30):
+            end = {0: 7, 7: 30, 30: 50}[start]
+            w.write_block(keys[start:end], [("raw", Rows(images[start:end])),
+                                            ("labels.msgpack", _padded(labels[start:end]))])
+    members = [(HEADER_MEMBER, header_bytes(SCHEMA))]
+    for key, image, label in zip(keys, images, labels, strict=True):
+        members += [(f"{key}.raw", image.tobytes()), (f"{key}.labels.msgpack", label)]
+    assert (tmp_path / "train-000000.tar").read_bytes() == tarfile_archive(members)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 700), min_size=1, max_size=40), st.lists(st.integers(1, 9), min_size=1),
+       st.one_of(st.none(), st.integers(1, 12)), st.one_of(st.none(), st.integers(1, 8 * RECORD)),
+       st.booleans())
+def test_write_block_equals_write(label_sizes: list[int], cuts: list[int], max_samples: int | None,
+                                  max_bytes: int | None, as_bytes: bool) -> None:
+    """Any block cuts, limits and member kinds (fast path or one by one) give the same shards."""
+    images = [bytes([i % 251]) * 16 for i in range(len(label_sizes))]
+    labels = [bytes([i % 7 + 1]) * size for i, size in enumerate(label_sizes)]
+    keys = [f"{i:08d}" for i in range(len(labels))]
+    with tempfile.TemporaryDirectory() as tmp:
+        one, many = Path(tmp) / "one", Path(tmp) / "many"
+        with ShardWriter(one, SCHEMA, max_samples=max_samples, max_bytes=max_bytes) as w1:
+            for key, image, label in zip(keys, images, labels, strict=True):
+                w1.write(key, [("raw", image), ("labels.msgpack", label)])
+        with ShardWriter(many, SCHEMA, max_samples=max_samples, max_bytes=max_bytes) as w2:
+            start = 0
+            for cut in cuts * len(labels):
+                end = min(start + cut, len(labels))
+                image_rows = np.frombuffer(b"".join(images[start:end]), np.uint8).reshape(-1, 16)
+                members = [("raw", images[start:end] if as_bytes else Rows(image_rows)),
+                           ("labels.msgpack", _padded(labels[start:end]) if end > start else [])]
+                w2.write_block(keys[start:end], members)
+                start = end
+        assert w1.manifest == w2.manifest
+        for shard in w1.manifest.shards:  # type: ignore[union-attr]
+            assert (one / shard.name).read_bytes() == (many / shard.name).read_bytes()
 
 
 def test_long_names_get_a_pax_header(tmp_path: Path) -> None:
@@ -80,15 +186,41 @@ def test_error_inside_the_writer_publishes_nothing(tmp_path: Path) -> None:
 
 def test_failure_in_a_later_split_publishes_no_split(tmp_path: Path, vimh_source, monkeypatch) -> None:
     src = vimh_source()
-    real = vimh.iter_samples
+    real = vimh.iter_blocks
 
     def failing(src, split, indices=None):
-        for n, sample in enumerate(real(src, split, indices)):
-            if split == "test" and n == 5:
-                raise ConversionError(f"{src}: sample {sample.index}: simulated read failure")
-            yield sample
+        for block in real(src, split, indices):
+            if split == "test":
+                yield SampleBlock(block.indices[:5], block.images[:5], block.labels[:5])
+                raise ConversionError(f"{src}: sample {block.indices[5]}: simulated read failure")
+            yield block
 
-    monkeypatch.setattr(vimh, "iter_samples", failing)
+    monkeypatch.setattr(vimh, "iter_blocks", failing)
     with pytest.raises(ConversionError, match=r"simulated read failure"):
         convert("vimh", src, tmp_path / "out", max_samples=8)
     assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
+
+
+@given(st.integers(0, 4).flatmap(lambda n: st.lists(
+    st.lists(st.integers(0, 255), min_size=n, max_size=n), min_size=1, max_size=30)), st.permutations(range(4)))
+def test_label_lists_parse_alike_at_numpy_speed_and_one_by_one(values: list[list[int]], ids: list[int]) -> None:
+    lists = [[len(row), *(x for pair in zip(ids[:len(row)], row, strict=True) for x in pair)] for row in values]
+    fast = _parse_table(np.array(lists))
+    assert fast is not None
+    (fast_ids, fast_values), (slow_ids, slow_values) = fast, _parse_each(Path("f"), lists)
+    assert fast_ids == slow_ids and fast_values.dtype == slow_values.dtype == np.uint8
+    assert np.array_equal(fast_values, slow_values)
+
+
+def test_block_checks_name_the_first_bad_sample() -> None:
+    schema = DatasetSchema(name="w", split="train", image=ImageSpec(2, 2, 1),
+                           heads=(Head(name="c", kind="class", num_classes=3), Head.quantized("q", 0, 1)))
+    labels = np.array([[0, 0], [2, 255], [3, 0], [0, 256]])
+    block = SampleBlock(np.array([10, 11, 12, 13]), np.zeros((4, 4), np.uint8), labels)
+    with pytest.raises(ConversionError, match=r"^src: sample 12: head 'c' expected a value in 0..2, found 3$"):
+        check_block(schema, block, "src")
+    images = [bytes(4), bytes(4), bytes(4), bytes(3)]
+    with pytest.raises(ConversionError, match=r"sample 13: image has 3 bytes, expected H\*W\*C = 4"):
+        check_block(schema, SampleBlock(block.indices, images, labels * 0), "src")
+    with pytest.raises(ConversionError, match=r"a block of 4 samples has 4 images and int64 labels of shape"):
+        check_block(schema, SampleBlock(block.indices, images, labels[:, :1]), "src")

@@ -4,24 +4,46 @@ driver in :mod:`shard_tools.convert` and the one writer do everything else."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from pipeline.errors import ConversionError
 from pipeline.schema import DatasetSchema
 
+BLOCK_BYTES = 1 << 20  # converters yield blocks of about this many image bytes
+
 
 @dataclass(frozen=True)
-class SourceSample:
-    """One sample as read from a source: its index in the source split, the image bytes
-    as the schema's image spec stores them, and each head's raw value (the class index,
-    or the quantized byte for quantized heads)."""
+class SampleBlock:
+    """Consecutive samples in write order, as columns.
 
-    index: int
-    image: bytes
-    labels: dict[str, int]
-    extra: Mapping[str, object] | None = None
+    - ``indices``: ``(n,)`` ints, each sample's index in the source split (its key).
+    - ``images``: the image bytes as the schema's image spec stores them: an ``(n, nbytes)``
+      uint8 array when every image has the same size (raw pixels), else ``n`` bytes objects.
+    - ``labels``: ``(n, len(schema.heads))`` ints, column ``j`` the raw value of head ``j``
+      in schema order (the class index, or the quantized byte of a quantized head).
+    - ``extra``: per-sample source metadata for the label record's ``_extra`` map: name to
+      an ``(n,)`` or ``(n, k)`` array, stored per sample as a float or a list of floats.
+    """
+
+    indices: np.ndarray
+    images: np.ndarray | Sequence[bytes]
+    labels: np.ndarray
+    extra: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def blocks_of(indices: Sequence[int] | np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """``indices`` as consecutive int64 arrays of ``size`` entries (the last may be shorter)."""
+    order = np.asarray(indices, dtype=np.int64)
+    step = max(1, size)
+    for start in range(0, len(order), step):
+        yield order[start:start + step]
 
 
 class SourceFormat(Protocol):
@@ -37,9 +59,10 @@ class SourceFormat(Protocol):
 
     def count_samples(self, src: Path, split: str) -> int: ...
 
-    def iter_samples(self, src: Path, split: str,
-                     indices: Sequence[int] | None = None) -> Iterator[SourceSample]:
-        """Samples at ``indices`` (all, in source order, when None)."""
+    def iter_blocks(self, src: Path, split: str,
+                    indices: Sequence[int] | None = None) -> Iterator[SampleBlock]:
+        """Samples at ``indices`` (all, in source order, when None), in that order, as
+        blocks of any size (about :data:`BLOCK_BYTES` of images keeps memory small)."""
 
 
 def get_format(name: str) -> SourceFormat:

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import ConversionError, SchemaError
 from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
 from shard_tools import __version__
-from shard_tools.converters import SourceSample
+from shard_tools.converters import BLOCK_BYTES, SampleBlock, blocks_of
 from shard_tools.converters.vimh_files import VimhSplit, load_binary, load_pickle
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ def _dims(src: Path, meta: VimhMetadata, data: VimhSplit) -> Dims:
         raise ConversionError(f"{src}: cannot tell image dimensions: no vimh-HxWxC directory name, "
                               f"no {METADATA_FILE} dimensions, no dimensions in {data.path.name}")
     dims = next(iter(known.values()))
-    row = len(data.image(0))
+    row = data.images.shape[1]
     if row != dims[0] * dims[1] * dims[2]:
         raise ConversionError(f"{data.path}: sample 0: image has {row} bytes, expected "
                               f"H*W*C = {dims[0] * dims[1] * dims[2]} for {'x'.join(map(str, dims))}")
@@ -198,15 +200,13 @@ def count_samples(src: Path, split: str) -> int:
     return len(_load(src, split))
 
 
-def iter_samples(src: Path, split: str,
-                 indices: Sequence[int] | None = None) -> Iterator[SourceSample]:
+def iter_blocks(src: Path, split: str,
+                indices: Sequence[int] | None = None) -> Iterator[SampleBlock]:
+    """Blocks of about :data:`BLOCK_BYTES` of pixels; label columns in schema order (heads
+    sorted by parameter id); ``_extra`` holds the scale factors when the file has them."""
     data = _load(src, split)
-    schema = read_schema(src, split)
-    by_id = {h.source_id: h.name for h in schema.heads}
-    names = [by_id[pid] for pid in data.ids]
-    for i in range(len(data)) if indices is None else indices:
-        extra = None
-        if data.scale_factors is not None:
-            extra = {"scale_factors": [float(x) for x in data.scale_factors[i]]}
-        labels = dict(zip(names, (int(v) for v in data.values[i]), strict=True))
-        yield SourceSample(index=i, image=data.image(i), labels=labels, extra=extra)
+    values = data.values[:, np.argsort(data.ids, kind="stable")]
+    order = range(len(data)) if indices is None else indices
+    for rows in blocks_of(order, BLOCK_BYTES // max(1, data.images.shape[1])):
+        extra = {} if data.scale_factors is None else {"scale_factors": data.scale_factors[rows]}
+        yield SampleBlock(indices=rows, images=data.images[rows], labels=values[rows], extra=extra)

@@ -24,6 +24,7 @@ from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.errors import ShardFormatError
+from pipeline.label_columns import decode_label_columns
 from pipeline.schema import DatasetSchema
 from pipeline.tario import ShardIndex
 
@@ -103,7 +104,13 @@ def decode_shard(index: ShardIndex, schema: DatasetSchema) -> DecodedShard:
     """Labels of every sample as columns, and every missing or misshapen member noted."""
     spec, n = schema.image, len(index)
     problems: dict[int, str] = {}
-    classes, values = _label_columns(index, schema, problems)
+    if index.labels_member is not None:  # the shard's label columns; label members must still be there
+        start, size = index.labels_member
+        classes, values = decode_label_columns(index.data[start:start + size], schema, n, index.url)
+        members = index.offsets.get(LABELS_EXT, np.full(n, -1, dtype=np.int64))
+        problems.update({i: f"{LABELS_EXT}: missing label member" for i in np.flatnonzero(members < 0).tolist()})
+    else:
+        classes, values = _label_columns(index, schema, problems)
     offsets = index.offsets.get(spec.encoding, np.full(n, -1, dtype=np.int64))
     sizes = index.sizes.get(spec.encoding, np.full(n, -1, dtype=np.int64))
     for i in np.flatnonzero(offsets < 0).tolist():
@@ -201,14 +208,16 @@ class BatchAssembler:
         refs, decoded = self._sound(refs)
         keys = [refs.shards[k].index.keys[i] for k, i in zip(refs.which.tolist(), refs.where.tolist(),
                                                                strict=True)] if with_keys else []
-        fast = self.schema.image.encoding == "raw" and self.transform is None
-        images = None if fast else self._images(refs, decoded)
+        images = None if self.transform is None else self._images(refs, decoded)
         fields = self._fields(len(refs), images)
         buf, views = allocate(fields, shared=get_worker_info() is not None)
-        if images is None:
-            self._gather_pixels(refs, views[IMAGES].numpy().reshape(len(refs), -1))
-        else:
+        if images is not None:
             views[IMAGES].copy_(images)
+        elif self.schema.image.encoding == "raw":
+            self._gather_pixels(refs, views[IMAGES].numpy().reshape(len(refs), -1))
+        else:  # each decoded image straight into its slot: one copy, no stack
+            for j, slot in enumerate(views[IMAGES].unbind(0)):
+                slot.copy_(decoded[j])
         self._fill_labels(refs, views)
         return PackedBatch(buf, fields, keys)
 

@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.errors import SchemaError
 
 FORMAT_NAME = "multihead-shards"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 ENCODINGS = ("raw", "png", "jpg")
 LAYOUTS = ("CHW", "HWC")
 HEAD_KINDS = ("class", "quantized")

@@ -16,10 +16,12 @@ import numpy as np
 
 from pipeline.errors import HeaderMismatchError, ShardFormatError
 from pipeline.header import HEADER_MEMBER, header_mismatch
+from pipeline.label_columns import LABELS_MEMBER
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _HEADER_NAME = HEADER_MEMBER.encode()
+_LABELS_NAME = LABELS_MEMBER.encode()
 _PAX = ord("x")
 _REGULAR = (ord("0"), 0)
 
@@ -41,6 +43,7 @@ class ShardIndex:
     sizes: dict[str, np.ndarray]
     stride: int | None = None
     error: str | None = None
+    labels_member: tuple[int, int] | None = None  # (start, size) of a trailing __labels__ member
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -128,10 +131,11 @@ class _Columns:
         self.offsets[ext][-1] = start
         self.sizes[ext][-1] = size
 
-    def index(self, url: str, data: bytes, error: str | None = None) -> ShardIndex:
+    def index(self, url: str, data: bytes, error: str | None = None,
+              labels_member: tuple[int, int] | None = None) -> ShardIndex:
         arrays = {e: np.asarray(v, dtype=np.int64) for e, v in self.offsets.items()}
         sizes = {e: np.asarray(v, dtype=np.int64) for e, v in self.sizes.items()}
-        return ShardIndex(url, data, self.keys, arrays, sizes, error=error)
+        return ShardIndex(url, data, self.keys, arrays, sizes, error=error, labels_member=labels_member)
 
 
 def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
@@ -143,8 +147,12 @@ def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
     raises. Shards whose samples all have the same layout (fixed-size images, as raw
     pixels give) are indexed with vectorized checks instead of a walk over every header."""
     columns, walk = _Columns(), iter_members(data, url)
+    labels_member = None
     try:
         for index, (name, start, size) in enumerate(walk):
+            if name == _LABELS_NAME:
+                labels_member = (start, size)
+                continue
             if name == _HEADER_NAME:
                 if index == 0 and expected_header is not None and data[start:start + size] != expected_header:
                     raise header_mismatch(url, data[start:start + size], expected_header)
@@ -164,7 +172,7 @@ def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
         if not tolerant:
             raise
         return columns.index(url, data, error=str(e))
-    return columns.index(url, data)
+    return columns.index(url, data, labels_member=labels_member)
 
 
 def uniform_index(data: bytes, url: str, first: _Columns, second_start: int) -> ShardIndex | None:
@@ -191,11 +199,16 @@ def uniform_index(data: bytes, url: str, first: _Columns, second_start: int) -> 
         offsets[ext], sizes[ext] = first_header + BLOCK + at + np.arange(count, dtype=np.int64) * stride, size
     count = int(np.argmin(valid)) if not valid.all() else count
     tail = first_header + count * stride
+    labels_member = None
+    if count >= 2 and len(data) - tail > 2 * BLOCK and data[tail:tail + len(_LABELS_NAME) + 1] == _LABELS_NAME + b"\0":
+        _, labels_size, _ = _member_header(data, tail, url, None)
+        labels_member = (tail + BLOCK, labels_size)
+        tail += BLOCK + -(-labels_size // BLOCK) * BLOCK
     if count < 2 or len(data) - tail < 2 * BLOCK or data[tail:].strip(b"\0"):
         return None
     keys = _split_keys(table[:count, :len(key)])
     return ShardIndex(url, data, keys, {e: o[:count] for e, o in offsets.items()},
-                      {e: v[:count] for e, v in sizes.items()}, stride=stride)
+                      {e: v[:count] for e, v in sizes.items()}, stride=stride, labels_member=labels_member)
 
 
 def _split_keys(rows: np.ndarray) -> list[str]:

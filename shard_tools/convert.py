@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import ConversionError
+from pipeline.label_columns import label_columns
 from pipeline.labels import LabelEncoder
 from pipeline.manifest import Manifest
 from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
@@ -91,7 +92,8 @@ def stage_split(fmt: SourceFormat, src: Path, split: str, out: Path, *, shuffle:
             check_block(schema, block, f"{src} ({split})")
             images = Rows(block.images) if isinstance(block.images, np.ndarray) else block.images
             labels = Rows(*encoder.encode(block.labels, block.extra))
-            writer.write_block(sample_keys(block.indices), [(ext, images), ("labels.msgpack", labels)])
+            writer.write_block(sample_keys(block.indices), [(ext, images), ("labels.msgpack", labels)],
+                               label_columns(schema, block.labels))
             bar.update(len(block))
     return writer
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError, ShardFormatError
 from pipeline.header import HEADER_MEMBER, parse_header
+from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
 from pipeline.labels import decode_labels, label_problems
 from pipeline.manifest import ShardInfo
 from pipeline.schema import DatasetSchema
@@ -95,6 +96,8 @@ class _ShardChecker:
         self.url, self.split, self.decode, self.problems = url, split, decode, problems
         self.key: str | None = None
         self.members: dict[str, bytes] = {}
+        self.columns: bytes | None = None
+        self.records: list[dict[str, Any] | None] = []
         self.samples = 0
         self.count = 0
 
@@ -109,6 +112,12 @@ class _ShardChecker:
             self.problem(info.name, f"expected first member {HEADER_MEMBER!r}, found {info.name!r}")
         if data is None:
             return self.problem(info.name, "expected a regular file member, found another type")
+        if info.name == LABELS_MEMBER:
+            self.finish_sample()
+            self.columns = data
+            return None
+        if self.columns is not None:
+            self.problem(info.name, f"sample member after {LABELS_MEMBER!r}, which must come last")
         match = _KEY_EXT.match(info.name)
         if not match:
             return self.problem(info.name, "expected a member named <key>.<extension>")
@@ -159,9 +168,28 @@ class _ShardChecker:
         try:
             record = decode_labels(data, name)
         except ShardFormatError as e:
+            self.records.append(None)
             return self.problem(name, str(e))
-        for reason in label_problems(schema, record):
+        problems = label_problems(schema, record)
+        for reason in problems:
             self.problem(name, reason)
+        self.records.append(None if problems else record)
+
+    def check_columns(self) -> None:
+        """The ``__labels__`` member, if any, must repeat every sample's label member."""
+        schema = self.split.schema
+        if self.columns is None or schema is None:
+            return
+        try:
+            classes, values = decode_label_columns(self.columns, schema, len(self.records), self.url)
+        except ShardFormatError as e:
+            return self.problem(LABELS_MEMBER, str(e).removeprefix(f"{self.url}: {LABELS_MEMBER}: "))
+        differing = [i for i, record in enumerate(self.records) if record is not None and any(
+            classes[h][i] != record[h]["class"] or (h in values and values[h][i] != np.float32(record[h]["value"]))
+            for h in schema.head_names)]
+        if differing:
+            self.problem(LABELS_MEMBER, f"disagrees with {len(differing)} sample label member(s), first: "
+                                        f"sample {differing[0]} of the shard")
 
     def _image(self, schema: DatasetSchema, name: str, data: bytes) -> None:
         spec = schema.image
@@ -210,6 +238,7 @@ def _check_shard(url: str, split: _SplitState, decode: bool, problems: list[Prob
                 checker.problem(last, f"tar structure broken {where} ({e}); the shard is truncated "
                                       "or corrupt")
             checker.finish_sample()
+            checker.check_columns()
             reader.drain()
     except FileNotFoundError:
         problems.append(Problem(url, None, "shard not found"))

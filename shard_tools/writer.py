@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.errors import ConversionError
 from pipeline.header import HEADER_MEMBER, header_bytes
+from pipeline.label_columns import LABELS_MEMBER, Columns, encode_label_columns
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 
@@ -219,6 +220,13 @@ class _HashingFile:
         self._f.close()
 
 
+def _rows(labels: Columns | None, start: int, stop: int) -> Columns | None:
+    """Rows ``start:stop`` of label columns."""
+    if labels is None:
+        return None
+    return ({k: v[start:stop] for k, v in labels[0].items()}, {k: v[start:stop] for k, v in labels[1].items()})
+
+
 class ShardWriter:
     """Write one split's samples into size-limited shards plus a manifest.
 
@@ -245,6 +253,7 @@ class ShardWriter:
         self._shards: list[ShardInfo] = []
         self._file: _HashingFile | None = None
         self._count = 0
+        self._columns: list[Columns] | None = []  # label columns of the open shard, None once a sample lacks them
         self.manifest: Manifest | None = None
 
     def __enter__(self) -> ShardWriter:
@@ -262,8 +271,10 @@ class ShardWriter:
         if self.publish_on_exit:
             self.publish()
 
-    def write(self, key: str, members: Sequence[tuple[str, bytes]]) -> None:
-        """Append one sample: ``members`` are ``(extension, data)`` pairs, written in order."""
+    def write(self, key: str, members: Sequence[tuple[str, bytes]], labels: Columns | None = None) -> None:
+        """Append one sample: ``members`` are ``(extension, data)`` pairs, written in order.
+        ``labels`` (per-head class and value columns of length 1) go into the shard's
+        ``__labels__`` member; a shard gets one only if every sample came with them."""
         blob = b"".join(tar_member(f"{key}.{ext}", data) for ext, data in members)
         shard = self._file
         if shard is not None and self._full(shard, len(blob)):
@@ -273,15 +284,22 @@ class ShardWriter:
             shard = self._start_shard()
         shard.write(blob)
         self._count += 1
+        self._add_columns(labels)
 
-    def write_block(self, keys: Sequence[str], members: Sequence[tuple[str, Member]]) -> None:
+    def _add_columns(self, labels: Columns | None) -> None:
+        if self._columns is not None:
+            self._columns = None if labels is None else [*self._columns, labels]
+
+    def write_block(self, keys: Sequence[str], members: Sequence[tuple[str, Member]],
+                    labels: Columns | None = None) -> None:
         """Append ``len(keys)`` samples at once, as :meth:`write` would one by one:
-        ``members`` are ``(extension, data)`` pairs, data holding one entry per sample."""
+        ``members`` are ``(extension, data)`` pairs, data holding one entry per sample;
+        ``labels`` are the block's per-head class and value columns."""
         blob = tar_block(keys, members)
         if blob is None:
             for i, key in enumerate(keys):
                 self.write(key, [(ext, rows.row(i) if isinstance(rows, Rows) else rows[i])
-                                 for ext, rows in members])
+                                 for ext, rows in members], _rows(labels, i, i + 1))
             return
         pos = 0
         while pos < len(blob):
@@ -293,14 +311,16 @@ class ShardWriter:
             take = min(max(room, 1), len(blob) - pos)
             shard.write(blob[pos:pos + take].reshape(-1).data)
             self._count += take
+            self._add_columns(_rows(labels, pos, pos + take))
             pos += take
 
     def _room(self, shard: _HashingFile, sample_size: int) -> int:
         """How many more samples of ``sample_size`` bytes the open shard takes."""
         room = sys.maxsize if self.max_samples is None else self.max_samples - self._count
-        if self.max_bytes is not None:
-            limit = self.max_bytes - self.max_bytes % RECORD - 2 * BLOCK  # end blocks, record padding
-            room = min(room, (limit - shard.size) // sample_size)
+        if self.max_bytes is not None:  # leave room for end blocks, record padding, __labels__
+            per_label = self._label_bytes if self._columns is not None else 0
+            limit = self.max_bytes - self.max_bytes % RECORD - 2 * BLOCK - (3 * BLOCK if per_label else 0)
+            room = min(room, (limit - shard.size - per_label * self._count) // (sample_size + per_label))
         return max(room, 0)
 
     def _full(self, shard: _HashingFile, incoming: int) -> bool:
@@ -309,14 +329,24 @@ class ShardWriter:
     def _shard_name(self, index: int) -> str:
         return f"{self.schema.split}-{index:06d}.tar"
 
+    @property
+    def _label_bytes(self) -> int:
+        """Bytes one sample adds to the ``__labels__`` member (its framing fits in 3 blocks)."""
+        return 4 * (len(self.schema.heads) + sum(h.kind == "quantized" for h in self.schema.heads))
+
     def _start_shard(self) -> _HashingFile:
         name = self._shard_name(len(self._shards))
         self._file = _HashingFile(self._staging / f"{name}.partial")
         self._file.write(self._header)
         self._count = 0
+        self._columns = []
         return self._file
 
     def _finish_shard(self, shard: _HashingFile) -> None:
+        if self._columns:
+            classes = {k: np.concatenate([c[0][k] for c in self._columns]) for k in self._columns[0][0]}
+            values = {k: np.concatenate([c[1][k] for c in self._columns]) for k in self._columns[0][1]}
+            shard.write(tar_member(LABELS_MEMBER, encode_label_columns(classes, values)))
         shard.write(tar_end(shard.size))
         sha = shard.close()
         final = shard.path.with_suffix("")  # drop ".partial"

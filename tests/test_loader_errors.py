@@ -15,8 +15,10 @@ from PIL import Image
 
 from pipeline import make_loader
 from pipeline.errors import HeaderMismatchError, ShardFormatError
+from pipeline.label_columns import LABELS_MEMBER
 from pipeline.schema import DatasetSchema, Head, ImageSpec
 from shard_tools.convert import convert
+from shard_tools.validate import validate
 from shard_tools.writer import ShardWriter
 from tests.test_validate import rewrite
 
@@ -63,14 +65,31 @@ def test_missing_label_member(shards: Path, caplog) -> None:
 
 
 def test_label_out_of_schema(shards: Path) -> None:
+    """Without a __labels__ member the loader decodes every label member and checks it."""
     def drop_head(members):
         record = msgpack.unpackb(members[2][1])
         del record["note_number"]
         members[2] = (members[2][0], msgpack.packb(record))
-        return members
+        return [m for m in members if m[0] != LABELS_MEMBER]
     rewrite(shards / "train" / "train-000000.tar", drop_head)
     with pytest.raises(ShardFormatError, match=r"labels do not decode to every head's class \(KeyError"):
         count(make_loader(str(shards), batch_size=8, num_workers=0, with_keys=True))
+
+
+def test_label_columns_must_agree_with_label_members(shards: Path) -> None:
+    """With a __labels__ member the loader reads the columns; the validator checks them."""
+    def change_class(members):
+        record = msgpack.unpackb(members[2][1])
+        record["note_number"]["class"] = (record["note_number"]["class"] + 1) % 13
+        record["note_number"]["q"] = next(q for q in range(256) if Head.quantized("n", 40, 88, 4)
+                                          .class_of_quantized(q) == record["note_number"]["class"])
+        record["note_number"]["value"] = 40 + record["note_number"]["q"] / 255 * 48
+        members[2] = (members[2][0], msgpack.packb(record))
+        return members
+    rewrite(shards / "train" / "train-000000.tar", change_class)
+    problems = [str(p) for p in validate(str(shards), progress=False).problems]
+    assert any("train-000000.tar: __labels__: disagrees with 1 sample label member(s), first: sample 0" in p
+               for p in problems), problems
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -11,6 +11,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.header import HEADER_MEMBER, read_header
+from pipeline.label_columns import LABELS_MEMBER
 from pipeline.readers import decode_image, iter_shard
 from shard_tools.convert import convert
 from shard_tools.validate import validate
@@ -74,9 +75,9 @@ def test_gnu_tar_lists_header_first_then_samples(vimh_shards: Path) -> None:
     shard = vimh_shards / "train" / "train-000000.tar"
     names = subprocess.run(["tar", "tf", str(shard)], check=True, capture_output=True,
                            text=True).stdout.split()
-    assert names[0] == HEADER_MEMBER
-    assert len(names) == 1 + 2 * 16
-    assert all(n.endswith((".raw", ".labels.msgpack")) for n in names[1:])
+    assert names[0] == HEADER_MEMBER and names[-1] == LABELS_MEMBER
+    assert len(names) == 1 + 2 * 16 + 1
+    assert all(n.endswith((".raw", ".labels.msgpack")) for n in names[1:-1])
 
 
 def test_shards_are_deterministic(tmp_path: Path, vimh_source) -> None:

@@ -224,3 +224,27 @@ def test_block_checks_name_the_first_bad_sample() -> None:
         check_block(schema, SampleBlock(block.indices, images, labels * 0), "src")
     with pytest.raises(ConversionError, match=r"a block of 4 samples has 4 images and int64 labels of shape"):
         check_block(schema, SampleBlock(block.indices, images, labels[:, :1]), "src")
+
+
+def test_label_columns_member_is_written_only_when_every_sample_has_labels(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
+
+    def row(c: int) -> tuple[dict, dict]:
+        return {"c": np.array([c])}, {}
+
+    with ShardWriter(tmp_path / "with", SCHEMA, max_samples=3) as w:
+        for i in range(5):
+            w.write(f"{i:04d}", [("raw", bytes(16)), ("labels.msgpack", LABELS)], row(i % 2))
+    with tarfile.open(tmp_path / "with" / "train-000000.tar") as tar:
+        names = tar.getnames()
+        columns = tar.extractfile(LABELS_MEMBER).read()  # type: ignore[union-attr]
+    assert names[-1] == LABELS_MEMBER and len(names) == 1 + 3 * 2 + 1
+    classes, values = decode_label_columns(columns, SCHEMA, 3, "shard")
+    assert classes["c"].tolist() == [0, 1, 0] and values == {}
+    with ShardWriter(tmp_path / "mixed", SCHEMA) as w:
+        w.write("a", [("raw", bytes(16)), ("labels.msgpack", LABELS)], row(1))
+        w.write("b", [("raw", bytes(16)), ("labels.msgpack", LABELS)])
+    with tarfile.open(tmp_path / "mixed" / "train-000000.tar") as tar:
+        assert LABELS_MEMBER not in tar.getnames()

@@ -47,6 +47,14 @@ class LightningLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Empty: the datamodule saves the train position as batches *trained*, which Lightning's
+        one-batch prefetch makes differ from the batches this loader has handed out."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore here; see :meth:`MultiheadDataModule.load_state_dict`."""
+
 
 class MultiheadDataModule(L.LightningDataModule):
     """Shards for training and evaluation; ``val``/``test`` default to ``train``'s source."""

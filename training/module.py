@@ -81,7 +81,7 @@ class MultiheadModule(L.LightningModule):
             classes, values = head.predict(outputs[name])  # type: ignore[operator]
             self.accuracy[f"{stage}_{name}"].update(classes, labels[name])
             mask = labels[name] >= 0
-            if values is not None and bool(mask.any()):
+            if values is not None and value_key(name) in labels and bool(mask.any()):
                 self.mae[f"{stage}_{name}"].update(values[mask], labels[value_key(name)][mask])
             self.log(f"{stage}/{name}_loss", losses[name], on_step=False, on_epoch=True, batch_size=len(images))
         self.log(f"{stage}/loss", total, on_step=stage == "train", on_epoch=True, prog_bar=True,  # type: ignore[arg-type]

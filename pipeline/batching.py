@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -144,12 +144,16 @@ Field = tuple[str, str, tuple[int, ...]]  # name, torch dtype name, shape
 
 
 @dataclass
-class PackedBatch:
-    """A batch as one uint8 buffer plus the layout of its fields (see :func:`unpack`)."""
+class PackedGroup:
+    """Consecutive batches in one uint8 buffer: per batch ``(offset, size, fields, keys)``
+    (see :func:`unpack`). One buffer crosses from a worker to the main process per group."""
 
     buffer: torch.Tensor
-    fields: tuple[Field, ...]
-    keys: list[str]
+    parts: list[tuple[int, int, tuple[Field, ...], list[str]]]
+
+    def batches(self) -> list[tuple[dict[str, torch.Tensor], list[str]]]:
+        """Each batch's fields as typed views, with its keys."""
+        return [(unpack(self.buffer[offset:offset + size], fields), keys) for offset, size, fields, keys in self.parts]
 
 
 def _field_sizes(fields: tuple[Field, ...]) -> list[tuple[int, int]]:
@@ -162,14 +166,11 @@ def _field_sizes(fields: tuple[Field, ...]) -> list[tuple[int, int]]:
     return spans
 
 
-def allocate(fields: tuple[Field, ...], *, shared: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One buffer for every field (in shared memory if asked), and a typed view of each."""
+def packed_size(fields: tuple[Field, ...]) -> int:
+    """Bytes a batch with these fields takes in a buffer (a multiple of 8)."""
     spans = _field_sizes(fields)
     total = spans[-1][0] + spans[-1][1] if spans else 0
-    buffer = torch.empty(-(-total // 8) * 8, dtype=torch.uint8)
-    if shared:
-        buffer.share_memory_()
-    return buffer, unpack(buffer, fields)
+    return -(-total // 8) * 8
 
 
 def unpack(buffer: torch.Tensor, fields: tuple[Field, ...]) -> dict[str, torch.Tensor]:
@@ -202,15 +203,29 @@ class BatchAssembler:
         self.errors = ErrorCounter()
         self._mode = ImageReadMode.GRAY if schema.image.channels == 1 else ImageReadMode.RGB
 
-    def __call__(self, refs: BatchRefs, with_keys: bool = False) -> PackedBatch:
-        """One batch packed into one buffer (in shared memory inside a dataloader worker, so
-        it crosses to the main process without another copy)."""
-        refs, decoded = self._sound(refs)
-        keys = [refs.shards[k].index.keys[i] for k, i in zip(refs.which.tolist(), refs.where.tolist(),
-                                                               strict=True)] if with_keys else []
-        images = None if self.transform is None else self._images(refs, decoded)
-        fields = self._fields(len(refs), images)
-        buf, views = allocate(fields, shared=get_worker_info() is not None)
+    def __call__(self, group: Sequence[BatchRefs], with_keys: bool = False) -> PackedGroup:
+        """Consecutive batches packed into one buffer (in shared memory inside a dataloader
+        worker, so they cross to the main process in one hand-off, without another copy)."""
+        prepared = []
+        for refs in group:
+            refs, decoded = self._sound(refs)
+            keys = [refs.shards[k].index.keys[i] for k, i in zip(refs.which.tolist(), refs.where.tolist(),
+                                                                   strict=True)] if with_keys else []
+            images = None if self.transform is None else self._images(refs, decoded)
+            prepared.append((refs, decoded, keys, images, self._fields(len(refs), images)))
+        sizes = [packed_size(p[4]) for p in prepared]
+        buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            buffer.share_memory_()
+        parts, offset = [], 0
+        for (refs, decoded, keys, images, fields), size in zip(prepared, sizes, strict=True):
+            self._fill(refs, decoded, images, unpack(buffer[offset:offset + size], fields))
+            parts.append((offset, size, fields, keys))
+            offset += size
+        return PackedGroup(buffer, parts)
+
+    def _fill(self, refs: BatchRefs, decoded: dict[int, torch.Tensor], images: torch.Tensor | None,
+              views: dict[str, torch.Tensor]) -> None:
         if images is not None:
             views[IMAGES].copy_(images)
         elif self.schema.image.encoding == "raw":
@@ -219,7 +234,6 @@ class BatchAssembler:
             for j, slot in enumerate(views[IMAGES].unbind(0)):
                 slot.copy_(decoded[j])
         self._fill_labels(refs, views)
-        return PackedBatch(buf, fields, keys)
 
     def _fields(self, n: int, images: torch.Tensor | None) -> tuple[Field, ...]:
         spec = self.schema.image

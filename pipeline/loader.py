@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.batching import IMAGES, BatchAssembler, BatchRefs, DecodedShard, Transform, decode_shard, unpack
+from pipeline.batching import IMAGES, BatchAssembler, BatchRefs, DecodedShard, Transform, decode_shard
 from pipeline.errors import PipelineError, ShardFormatError
 from pipeline.header import header_bytes
-from pipeline.planning import Slice, WorkerPlan, batches_done_per_worker, epoch_rng, plan_epoch
+from pipeline.planning import Slice, WorkerPlan, batches_done_per_worker, epoch_rng, plan_epoch, worker_batches
 from pipeline.schema import DatasetSchema
 from pipeline.storage import read_shard
 from pipeline.tario import index_shard
@@ -50,11 +50,17 @@ class StreamConfig:
     cache_dir: str | None = None
     retries: int = 3
     allow_pipe: bool = False
+    batches_per_hand_off: int = 4
+
+    @property
+    def group(self) -> int:
+        """Batches a worker packs into one hand-off to the main process (1 without workers)."""
+        return self.batches_per_hand_off if self.num_workers > 0 else 1
 
     def plan(self, epoch: int) -> list[WorkerPlan]:
         return plan_epoch(self.shards, seed=self.seed, epoch=epoch, world_size=self.world_size,
                           rank=self.rank, num_workers=self.num_workers, batch_size=self.batch_size,
-                          shuffle=self.shuffle, uneven=self.uneven, drop_last=self.drop_last)
+                          shuffle=self.shuffle, uneven=self.uneven, drop_last=self.drop_last, group=self.group)
 
 
 class _ShardCache:
@@ -168,17 +174,19 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
-        workers = max(1, self.config.num_workers)
+        c = self.config
+        workers, group = max(1, c.num_workers), c.group
         epoch, batches_done = (int(x) for x in self.control.tolist())
         # The DataLoader polls its workers round-robin from worker 0; after a resume at batch
         # k, worker 0 must therefore play the planned worker that makes batch k.
-        worker = ((info.id if info is not None else 0) + batches_done) % workers
-        plan = self.config.plan(epoch)[worker]
-        done = batches_done_per_worker(batches_done, workers)[worker]
-        windows = stream_windows(plan, self.config, skip=done * self.config.batch_size)
-        for refs in itertools.islice(cut_batches(windows, self.config.batch_size), plan.num_batches - done):
-            yield self.assembler(refs, with_keys=self.with_keys)
-        self.assembler.log_errors(f"rank {self.config.rank} worker {worker} epoch {epoch}")
+        worker = ((info.id if info is not None else 0) + batches_done // group) % workers
+        plans = c.plan(epoch)
+        mine = worker_batches(sum(p.num_batches for p in plans), workers, worker, group)
+        done = batches_done_per_worker(batches_done, workers, group)[worker]
+        batches = cut_batches(stream_windows(plans[worker], c, skip=done * c.batch_size), c.batch_size)
+        for _, turn in itertools.groupby(mine[done:], key=lambda j: j // group):
+            yield self.assembler(list(itertools.islice(batches, len(list(turn)))), with_keys=self.with_keys)
+        self.assembler.log_errors(f"rank {c.rank} worker {worker} epoch {epoch}")
 
 
 class ShardLoader:
@@ -228,22 +236,22 @@ class ShardLoader:
         loader = self._dataloader()
         self._done = self._resume
         with_keys = self.stream.with_keys
-        for packed in loader:
-            self._done += 1
-            fields = unpack(packed.buffer, packed.fields)
-            images = fields.pop(IMAGES)
-            yield (images, fields, packed.keys) if with_keys else (images, fields)
+        for group in loader:
+            for fields, keys in group.batches():
+                self._done += 1
+                images = fields.pop(IMAGES)
+                yield (images, fields, keys) if with_keys else (images, fields)
         self.epoch, self._resume, self._done = self.epoch + 1, 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         c = self.stream.config
         return {"epoch": self.epoch, "batches_done": self._done, "seed": c.seed, "batch_size": c.batch_size,
-                "world_size": c.world_size, "num_workers": max(1, c.num_workers),
+                "world_size": c.world_size, "num_workers": max(1, c.num_workers), "group": c.group,
                 "num_samples": sum(len(s) for s in c.shards)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("seed", "batch_size", "world_size", "num_workers", "num_samples"):
+        for key in ("seed", "batch_size", "world_size", "num_workers", "group", "num_samples"):
             if state.get(key) != mine[key]:
                 raise PipelineError(f"loader state: {key} expected {mine[key]!r} (this loader), found "
                                     f"{state.get(key)!r}; resume needs the same data and loader settings")

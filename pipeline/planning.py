@@ -3,10 +3,11 @@
 An epoch's samples are a sequence of shard *slices* (``url``, ``start``, ``stop``). The
 plan shuffles the slice order with ``(seed, epoch)``, cuts the sequence into equal
 contiguous ranges, one per rank, and cuts each rank's range into per-worker ranges whose
-lengths make batch ``j`` of the rank come from worker ``j % num_workers``: exactly the
-order in which a PyTorch ``DataLoader`` yields batches from an iterable dataset. So every
-rank yields the same number of batches, and a resume after ``k`` batches knows how many
-batches each worker had produced.
+lengths make batch ``j`` of the rank come from worker ``(j // group) % num_workers``
+(workers take turns, ``group`` batches a turn, handed to the main process together):
+exactly the order in which a PyTorch ``DataLoader`` takes items from the workers of an
+iterable dataset. So every rank yields the same number of batches, and a resume after
+``k`` batches knows how many batches each worker had produced.
 
 Uneven totals: with ``uneven="drop"`` each rank gets ``N // world_size`` samples and the
 last ``N % world_size`` of the shuffled sequence are left out of this epoch (a different
@@ -87,23 +88,33 @@ def rank_range(total: int, world_size: int, rank: int, uneven: str) -> tuple[int
     return rank * per_rank, (rank + 1) * per_rank
 
 
-def worker_sample_counts(num_samples: int, batch_size: int, num_workers: int) -> list[int]:
-    """Samples per worker such that batch ``j`` comes from worker ``j % num_workers``."""
+def batch_worker(batch: int, num_workers: int, group: int = 1) -> int:
+    """The worker that makes batch ``batch``: workers take turns, ``group`` batches a turn."""
+    return (batch // group) % num_workers
+
+
+def worker_batches(num_batches: int, num_workers: int, worker: int, group: int = 1) -> list[int]:
+    """The batches (by number in the rank's epoch) that ``worker`` makes, in order."""
+    return [j for j in range(num_batches) if batch_worker(j, num_workers, group) == worker]
+
+
+def worker_sample_counts(num_samples: int, batch_size: int, num_workers: int, group: int = 1) -> list[int]:
+    """Samples per worker such that batch ``j`` comes from worker ``(j // group) % num_workers``."""
     num_batches = math.ceil(num_samples / batch_size)
-    counts = [len(range(w, num_batches, num_workers)) * batch_size for w in range(num_workers)]
+    counts = [len(worker_batches(num_batches, num_workers, w, group)) * batch_size for w in range(num_workers)]
     if num_batches:
-        counts[(num_batches - 1) % num_workers] -= num_batches * batch_size - num_samples
+        counts[batch_worker(num_batches - 1, num_workers, group)] -= num_batches * batch_size - num_samples
     return counts
 
 
-def batches_done_per_worker(batches_done: int, num_workers: int) -> list[int]:
+def batches_done_per_worker(batches_done: int, num_workers: int, group: int = 1) -> list[int]:
     """Batches each worker has produced once the loader has yielded ``batches_done``."""
-    return [len(range(w, batches_done, num_workers)) for w in range(num_workers)]
+    return [len(worker_batches(batches_done, num_workers, w, group)) for w in range(num_workers)]
 
 
 def plan_epoch(slices: Sequence[Slice], *, seed: int, epoch: int, world_size: int, rank: int,
                num_workers: int, batch_size: int, shuffle: bool = True,
-               uneven: str = "drop", drop_last: bool = False) -> list[WorkerPlan]:
+               uneven: str = "drop", drop_last: bool = False, group: int = 1) -> list[WorkerPlan]:
     """Per-worker plans of ``rank`` for ``epoch`` (``num_workers`` = 0 is planned as 1).
     ``drop_last`` leaves out each rank's final partial batch."""
     if not 0 <= rank < world_size:
@@ -119,7 +130,7 @@ def plan_epoch(slices: Sequence[Slice], *, seed: int, epoch: int, world_size: in
         end = begin + (end - begin) // batch_size * batch_size
     workers = max(1, num_workers)
     plans, cursor = [], begin
-    for w, count in enumerate(worker_sample_counts(end - begin, batch_size, workers)):
+    for w, count in enumerate(worker_sample_counts(end - begin, batch_size, workers, group)):
         mine = take_range(ordered, cursor, cursor + count)
         cursor += count
         plans.append(WorkerPlan(slices=tuple(mine), num_samples=count,

@@ -58,13 +58,21 @@ def _slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir: str | N
     return tuple(Slice(u, 0, n) for u, n in zip(shards.urls, counts, strict=True))
 
 
+HAND_OFF_BYTES = 8 << 20
+
+
+def hand_off_group(batch_bytes: int) -> int:
+    """Batches a worker passes to the main process at once: up to 8, about 8 MiB in all."""
+    return max(1, min(8, HAND_OFF_BYTES // max(1, batch_bytes)))
+
+
 def make_loader(source: str | Sequence[str], *, split: str | None = "train", batch_size: int,
                 num_workers: int = 2, shuffle: bool = True, seed: int = 0, transform: Transform | None = None,
                 shuffle_buffer: int = 4096, world_size: int | None = None, rank: int | None = None,
                 uneven: str = "drop", drop_last: bool = False, on_error: str = "raise",
                 storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
                 retries: int = 3, allow_pipe: bool = False, with_keys: bool = False,
-                prefetch_factor: int = 4, pin_memory: bool = False) -> ShardLoader:
+                prefetch_factor: int = 2, pin_memory: bool = False) -> ShardLoader:
     """A loader over one split of shards; see ``docs/loader.md``.
 
     ``source``: a shard-set root (``split`` picks the subdirectory), a split directory, a
@@ -90,7 +98,8 @@ def make_loader(source: str | Sequence[str], *, split: str | None = "train", bat
                           batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           world_size=world_size, rank=rank, num_workers=num_workers, uneven=uneven,
                           drop_last=drop_last, on_error=on_error, storage_options=storage_options,
-                          cache_dir=cache_dir, retries=retries, allow_pipe=allow_pipe)
+                          cache_dir=cache_dir, retries=retries, allow_pipe=allow_pipe,
+                          batches_per_hand_off=hand_off_group(batch_size * schema.image.nbytes))
     config.plan(0)  # fail now, not in a worker, on impossible settings
     return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
                         pin_memory=pin_memory)

@@ -50,7 +50,7 @@ class StreamConfig:
     cache_dir: str | None = None
     retries: int = 3
     allow_pipe: bool = False
-    batches_per_hand_off: int = 4
+    batches_per_hand_off: int = 1
 
     @property
     def group(self) -> int:
@@ -196,7 +196,7 @@ class ShardLoader:
     the epoch and the batches handed out so far; ``load_state_dict`` makes the next pass
     continue right after them."""
 
-    def __init__(self, stream: ShardStream, *, prefetch_factor: int = 4, pin_memory: bool = False,
+    def __init__(self, stream: ShardStream, *, prefetch_factor: int = 2, pin_memory: bool = False,
                  timeout: float = 0) -> None:
         self.stream = stream
         self.prefetch_factor, self.pin_memory, self.timeout = prefetch_factor, pin_memory, timeout
@@ -267,7 +267,7 @@ def default_world() -> tuple[int, int]:
 
 
 def build_loader(config: StreamConfig, *, transform: Transform | None = None, with_keys: bool = False,
-                 prefetch_factor: int = 4, pin_memory: bool = False) -> ShardLoader:
+                 prefetch_factor: int = 2, pin_memory: bool = False) -> ShardLoader:
     assembler = BatchAssembler(config.schema, transform=transform, on_error=config.on_error)
     return ShardLoader(ShardStream(config, assembler, with_keys), prefetch_factor=prefetch_factor,
                        pin_memory=pin_memory)

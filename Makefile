@@ -56,6 +56,8 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP) ## Benchmarks against webdataset, litdata and mosaicml-streaming (writes docs/bench/)
 	$(BIN)/python -m benchmarks.bench_convert
+	$(BIN)/python -m benchmarks.bench_loader
+	$(BIN)/python -m benchmarks.bench_stall
 
 test: $(STAMP) ## Run the test suite (add PYTEST_ARGS="-m slow" for the slow tests only)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

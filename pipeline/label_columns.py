@@ -10,13 +10,14 @@ Payload: ``{"count": n, "classes": {head: int32 LE bytes}, "values": {head: floa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import msgpack
 import numpy as np
 
 from pipeline.errors import ShardFormatError
-from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
+from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema, Head
 
 LABELS_MEMBER = "__labels__"
 Columns = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
@@ -29,12 +30,19 @@ def label_columns(schema: DatasetSchema, raw: np.ndarray) -> Columns:
     for j, head in enumerate(schema.heads):
         column = raw[:, j].astype(np.int64)
         if head.kind == "quantized":
-            table = np.arange(QUANTIZATION_LEVELS)
-            classes[head.name] = np.array([head.class_of_quantized(int(q)) for q in table])[column]
-            values[head.name] = np.array([head.real_value(int(q)) for q in table], np.float32)[column]
+            class_table, value_table = _quantized_tables(head)
+            classes[head.name], values[head.name] = class_table[column], value_table[column]
         else:
             classes[head.name] = column
     return classes, values
+
+
+@functools.lru_cache(maxsize=256)
+def _quantized_tables(head: Head) -> tuple[np.ndarray, np.ndarray]:
+    """Class and float32 real value of every quantized byte of ``head``."""
+    levels = range(QUANTIZATION_LEVELS)
+    return (np.array([head.class_of_quantized(q) for q in levels], np.int64),
+            np.array([head.real_value(q) for q in levels], np.float32))
 
 
 def encode_label_columns(classes: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> bytes:

@@ -28,6 +28,14 @@ BATCH = 256
 STRIDE = 4  # content checks sum every 4th pixel of every 4th row (all channels)
 
 
+
+def time_epoch(loader: Any) -> tuple[float, int]:
+    """Seconds for one full pass over ``loader`` and the samples it yielded."""
+    start, count = time.perf_counter(), 0
+    for images, _ in loader:
+        count += images.shape[0]
+    return time.perf_counter() - start, count
+
 def _tensors(w: Workload) -> list[torch.Tensor]:
     return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in w.images]
 
@@ -136,10 +144,8 @@ def s3_throughput(w: Workload, work: Path, local_rate: float, *, epochs: int) ->
         loader = ours(w, batch_size=BATCH, workers=2, source="s3://bench/raw32/train", storage_options=options)
         times = []
         for epoch in range(epochs + 1):
-            start, count = time.perf_counter(), 0
-            for images, _ in loader:
-                count += images.shape[0]
-            times.append(time.perf_counter() - start)
+            seconds, count = time_epoch(loader)
+            times.append(seconds)
             if count != w.n:
                 raise RuntimeError(f"ours from S3: {count} samples in an epoch, expected {w.n}")
             print(f"  {w.name} ours from S3 epoch {epoch + 1}: {times[-1]:6.2f} s {w.n / times[-1]:10,.0f} "
@@ -240,10 +246,8 @@ def in_process(w: Workload, tools: tuple[str, ...] = ("ours", "seeds"), epochs: 
         loader = build(tool, w, {}, batch_size=BATCH, workers=0)
         times = []
         for _ in range(epochs + 1):
-            start, count = time.perf_counter(), 0
-            for images, _ in loader:
-                count += images.shape[0]
-            times.append(time.perf_counter() - start)
+            seconds, count = time_epoch(loader)
+            times.append(seconds)
         if count != w.n:
             raise RuntimeError(f"{tool} in process: {count} samples, expected {w.n}")
         out[tool] = {"samples_per_s": w.n / statistics.median(times[1:]), "timed_epochs_s": times[1:]}

@@ -173,3 +173,16 @@ def test_datamodule_refuses_a_split_with_other_heads(tmp_path: Path, data_roots)
     assert isinstance(datamodule.schema, DatasetSchema)
     with pytest.raises(SchemaError, match=r"test split 'test' of .*cifar100mh: heads \['fine', 'coarse'\] differ"):
         datamodule.test_dataloader()
+
+
+def test_ddp_training_with_two_gloo_processes(tmp_path: Path, data_roots) -> None:
+    """`trainer=ddp` on CPU: Lightning starts a second process, the loader splits the epoch."""
+    done = subprocess.run([sys.executable, "-m", "training.train", "experiment=vimh_demo", "trainer=ddp",
+                           "trainer.max_epochs=1", "test=false", f"data.train={data_roots['vimh']}",
+                           "data.num_workers=0", "data.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.log_dir={tmp_path / 'logs'}"],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "val/note_number_acc" in done.stdout
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/data_stall_share" in metrics

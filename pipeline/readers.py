@@ -3,44 +3,27 @@
 from __future__ import annotations
 
 import io
-import re
-import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
 import numpy as np
 from PIL import Image
 
 from pipeline.errors import ShardFormatError
-from pipeline.header import HEADER_MEMBER
 from pipeline.schema import ImageSpec
+from pipeline.storage import read_shard
+from pipeline.tario import index_shard
 
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension rule
 Sample = tuple[str, dict[str, bytes]]
 
 
 def iter_shard(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[Sample]:
-    """Samples of one shard in order, grouped by key; the header member is skipped."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f, \
-                tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                match = _KEY_EXT.match(info.name)
-                if info.name == HEADER_MEMBER or not info.isfile() or not match:
-                    continue
-                if match[1] != key and key is not None:
-                    yield key, members
-                    members = {}
-                key = match[1]
-                member = tar.extractfile(info)
-                members[match[2]] = member.read() if member else b""
-    except tarfile.TarError as e:
-        raise ShardFormatError(f"{url}: tar unreadable after sample {key!r} ({e})") from e
-    if key is not None:
-        yield key, members
+    """Samples of one shard in order, as ``(key, {extension: bytes})``; the ``__header__``
+    and ``__labels__`` members are not samples."""
+    index = index_shard(read_shard(url, storage_options=storage_options), url)
+    for i, key in enumerate(index.keys):
+        members = {ext: index.member(ext, i) for ext in index.offsets}
+        yield key, {ext: bytes(data) for ext, data in members.items() if data is not None}
 
 
 def decode_image(spec: ImageSpec, data: bytes, where: str = "image") -> np.ndarray:

@@ -56,6 +56,14 @@ class ShardIndex:
         return memoryview(self.data)[start:start + int(self.sizes[ext][i])]
 
 
+def split_key(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of a member name by webdataset's rule: the key ends at the first
+    dot after the last slash; None when there is no such dot or the key's last part is empty."""
+    base = name.rfind("/") + 1
+    dot = name.find(".", base)
+    return None if dot <= base else (name[:dot], name[dot + 1:])
+
+
 def _octal(field: bytes, where: str) -> int:
     if field and field[0] & 0x80:  # base-256, as GNU tar writes sizes of 8 GiB and more
         return int.from_bytes(field[1:], "big")
@@ -157,15 +165,15 @@ def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
                 if index == 0 and expected_header is not None and data[start:start + size] != expected_header:
                     raise header_mismatch(url, data[start:start + size], expected_header)
                 continue
-            dot = name.find(b".", name.rfind(b"/") + 1)
-            if dot < 0:
+            parts = split_key(name.decode(errors="replace"))
+            if parts is None:
                 raise ShardFormatError(f"{url}: member {name.decode(errors='replace')!r}: expected "
                                        "<key>.<extension>")
-            if len(columns.keys) == 1 and name[:dot].decode() != columns.keys[0]:
+            if len(columns.keys) == 1 and parts[0] != columns.keys[0]:
                 uniform = uniform_index(data, url, columns, start - BLOCK)
                 if uniform is not None:
                     return uniform
-            columns.add(name[:dot].decode(), name[dot + 1:].decode(), start, size)
+            columns.add(*parts, start, size)
     except HeaderMismatchError:
         raise
     except ShardFormatError as e:

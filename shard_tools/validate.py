@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import tarfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,8 +28,8 @@ from pipeline.labels import decode_labels, label_problems
 from pipeline.manifest import ShardInfo
 from pipeline.schema import DatasetSchema
 from pipeline.sources import ShardSet, resolve_shards
+from pipeline.tario import split_key
 
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension rule
 LABELS_EXT = "labels.msgpack"
 
 
@@ -118,10 +117,10 @@ class _ShardChecker:
             return None
         if self.columns is not None:
             self.problem(info.name, f"sample member after {LABELS_MEMBER!r}, which must come last")
-        match = _KEY_EXT.match(info.name)
-        if not match:
+        parts = split_key(info.name)
+        if parts is None:
             return self.problem(info.name, "expected a member named <key>.<extension>")
-        key, ext = match.groups()
+        key, ext = parts
         if key != self.key:
             self.finish_sample()
             self.key = key

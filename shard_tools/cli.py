@@ -79,11 +79,19 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from shard_tools.synthetic import generate_vimh
+    from shard_tools.synthetic_cifar import generate_cifar100, generate_cifar100mh
 
-    h, w, c = args.size
-    out = generate_vimh(args.out, n_train=args.train, n_test=args.test, height=h, width=w,
-                        channels=c, n_heads=args.heads, variant=args.variant, seed=args.seed)
-    print(f"synthetic VIMH source -> {out}")
+    if args.format == "cifar100mh":
+        out = generate_cifar100mh(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
+        print(f"synthetic CIFAR-100-MH source -> {out}")
+    elif args.format == "cifar100":
+        out = generate_cifar100(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
+        print(f"synthetic CIFAR-100 (python release layout) source -> {out}")
+    else:
+        h, w, c = args.size
+        out = generate_vimh(args.out, n_train=args.train, n_test=args.test, height=h, width=w,
+                            channels=c, n_heads=args.heads, variant=args.variant, seed=args.seed)
+        print(f"synthetic VIMH source -> {out}")
     return 0
 
 
@@ -93,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a source dataset into shards")
-    p.add_argument("format", help="source format: vimh")
+    p.add_argument("format", help="source format: vimh or cifar100mh (CIFAR-100-MH or the CIFAR-100 "
+                                  "python release, detected)")
     p.add_argument("src", help="source dataset directory")
     p.add_argument("out", help="output directory (one subdirectory per split)")
     p.add_argument("--split", action="append", help="convert only this split (repeatable)")
@@ -118,13 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("generate", help="write a synthetic VIMH source (learnable labels)")
+    p = sub.add_parser("generate", help="write a synthetic source (learnable labels)")
     p.add_argument("out", help="directory to create, e.g. data/vimh-32x32x3_demo")
+    p.add_argument("--format", default="vimh", choices=["vimh", "cifar100mh", "cifar100"],
+                   help="vimh; cifar100mh (CIFAR-100-MH layout); cifar100 (CIFAR-100 python release layout)")
     p.add_argument("--train", type=int, default=2048)
     p.add_argument("--test", type=int, default=512)
-    p.add_argument("--size", type=parse_dims, default=(32, 32, 3), help="HxWxC")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--variant", default="pickle", choices=["pickle", "binary", "binary-v1", "both"])
+    p.add_argument("--size", type=parse_dims, default=(32, 32, 3), help="HxWxC (vimh only; CIFAR is 32x32x3)")
+    p.add_argument("--heads", type=int, default=2, help="vimh only")
+    p.add_argument("--variant", default="pickle", choices=["pickle", "binary", "binary-v1", "both"],
+                   help="vimh only")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_generate)
     return parser

@@ -12,14 +12,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".venv/.installed").exists(),
-                    reason="needs make and the project's .venv (make install)")
+needs_make = pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".venv/.installed").exists(),
+                                reason="needs make and the project's .venv (make install)")
+
+
+def run_make(data: Path, *args: str) -> str:
+    done = subprocess.run(["make", "-C", str(ROOT), *args, f"DATA={data}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@needs_make
 def test_make_shards_validate_and_demo(tmp_path: Path) -> None:
     def make(*args: str) -> str:
-        done = subprocess.run(["make", "-C", str(ROOT), *args, f"DATA={tmp_path}"],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
+        return run_make(tmp_path, *args)
 
     make("shards", "DATASET=vimh")
     assert "OK: " in make("validate", f"OUT={tmp_path}/shards/vimh")
@@ -28,3 +35,10 @@ def test_make_shards_validate_and_demo(tmp_path: Path) -> None:
     out = make("demo")
     assert "OK: 5 shards, 5120 samples" in out
     assert (tmp_path / "shards/demo/grid.png").stat().st_size > 0
+
+
+@needs_make
+def test_make_shards_cifar100mh_from_a_generated_source(tmp_path: Path) -> None:
+    run_make(tmp_path, "shards", "DATASET=cifar100mh")
+    assert (tmp_path / "sources/cifar100mh-32x32x3_demo/cifar100mh_dataset_info.json").exists()
+    assert "OK: 2 shards, 5120 samples" in run_make(tmp_path, "validate", f"OUT={tmp_path}/shards/cifar100mh")

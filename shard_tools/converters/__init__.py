@@ -67,9 +67,9 @@ class SourceFormat(Protocol):
 
 def get_format(name: str) -> SourceFormat:
     """The converter module registered under ``name``."""
-    from shard_tools.converters import vimh
+    from shard_tools.converters import cifar100mh, vimh
 
-    formats: dict[str, SourceFormat] = {"vimh": vimh}
+    formats: dict[str, SourceFormat] = {"vimh": vimh, "cifar100mh": cifar100mh}
     if name not in formats:
         raise ConversionError(f"unknown source format {name!r}; expected one of {sorted(formats)}")
     return formats[name]

@@ -58,8 +58,9 @@ def _check_dir(src: Path) -> Path:
     return src
 
 
-def read_metadata(src: Path) -> VimhMetadata:
-    path = _check_dir(src) / METADATA_FILE
+def read_metadata(src: Path, filename: str = METADATA_FILE) -> VimhMetadata:
+    """``src/filename`` (VIMH's JSON, or a format's that shares its keys), normalized."""
+    path = _check_dir(src) / filename
     if not path.exists():
         log.warning("%s: missing; using defaults (heads named param_<id>, range 0..1, 256 "
                     "classes; image dimensions from the directory name and data)", path)
@@ -153,7 +154,9 @@ def _dims(src: Path, meta: VimhMetadata, data: VimhSplit) -> Dims:
     return dims
 
 
-def _head(meta: VimhMetadata, param_id: int, path: Path) -> Head:
+def head_name(meta: VimhMetadata, param_id: int, path: Path) -> tuple[str, str]:
+    """Parameter ``param_id``'s name in the source and the head name made from it
+    (``param_<id>`` beyond ``parameter_names``, ``_`` for non-identifier characters)."""
     if param_id < len(meta.parameter_names):
         raw_name = meta.parameter_names[param_id]
     else:
@@ -161,15 +164,26 @@ def _head(meta: VimhMetadata, param_id: int, path: Path) -> Head:
         log.warning("%s: parameter id %d is beyond parameter_names %s; naming it %s",
                     path, param_id, list(meta.parameter_names), raw_name)
     name = re.sub(r"\W", "_", raw_name)
+    if name != raw_name:
+        log.warning("%s: parameter name %r is not an identifier; the head is named %r", path, raw_name, name)
+    return raw_name, name
+
+
+def head_description(raw_name: str, name: str, mapping: Mapping[str, Any]) -> str:
+    """The mapping's description, or the source name; the source name is kept in it when
+    the head was renamed."""
+    description = str(mapping.get("description", "")) or raw_name
+    return description if name == raw_name or raw_name in description else f"{raw_name}: {description}"
+
+
+def _head(meta: VimhMetadata, param_id: int, path: Path) -> Head:
+    raw_name, name = head_name(meta, param_id, path)
     mapping = meta.mappings.get(raw_name)
     if mapping is None:
         if meta.path is not None:
             log.warning("%s: no parameter_mappings entry for %r; using range 0..1", meta.path, raw_name)
         mapping = {"min": 0.0, "max": 1.0}
-    description = str(mapping.get("description", "")) or raw_name
-    if name != raw_name:
-        log.warning("%s: parameter name %r is not an identifier; the head is named %r", path, raw_name, name)
-        description = description if raw_name in description else f"{raw_name}: {description}"
+    description = head_description(raw_name, name, mapping)
     try:
         return Head.quantized(name, float(mapping["min"]), float(mapping["max"]),
                               mapping.get("step"), source_id=param_id, description=description)

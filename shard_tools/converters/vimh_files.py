@@ -1,7 +1,8 @@
 """Readers for the two VIMH split files: the pickle variant and the binary variant.
 
 Both give a :class:`VimhSplit`: pixels as planar CHW bytes, each sample's
-``(param_id, quantized value)`` pairs, and optional per-sample scale factors. Valid
+``(param_id, quantized value)`` pairs, and optional per-sample scale factors. Formats that
+share VIMH's pickle layout (CIFAR-100-MH) read it with their own :class:`PickleKind`. Valid
 input is parsed with numpy, all samples at once: label lists of one length are checked
 as one array (a bad one is then found by walking them, so its error names it), and
 binary records, which all have record 0's size, are located by arithmetic.
@@ -44,15 +45,29 @@ class VimhSplit:
         return len(self.values)
 
 
+@dataclass(frozen=True)
+class PickleKind:
+    """A pickle variant with VIMH's layout: its name in messages, the keys its label lists
+    may be under (the first is preferred and named in messages), and the largest label
+    value (None: unchecked here, the caller checks each head's range)."""
+
+    what: str = "VIMH"
+    label_keys: tuple[str, ...] = ("vimh_labels", "labels")
+    max_value: int | None = 255
+
+
+VIMH_PICKLE = PickleKind()
 Labels = tuple[tuple[int, ...], np.ndarray]
 
 
-def parse_label_lists(path: Path, lists: Sequence[Sequence[int]] | np.ndarray) -> Labels:
+def parse_label_lists(path: Path, lists: Sequence[Sequence[int]] | np.ndarray,
+                      max_value: int | None = 255) -> Labels:
     """Check ``[N, id0, val0, ...]`` lists: lengths 1+2N, one N and one id set for all,
-    values 0..255. Returns the ids and the ``(n, N)`` uint8 values."""
+    values 0..max_value. Returns the ids and the ``(n, N)`` values (uint8; int64 when
+    ``max_value`` is None, and then unchecked)."""
     table = _as_table(lists)
-    parsed = None if table is None else _parse_table(table)
-    return parsed if parsed is not None else _parse_each(path, lists)
+    parsed = None if table is None else _parse_table(table, max_value)
+    return parsed if parsed is not None else _parse_each(path, lists, max_value)
 
 
 def _as_table(lists: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray | None:
@@ -64,21 +79,26 @@ def _as_table(lists: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray | None:
     return table if table.ndim == 2 and len(table) and table.dtype.kind in "iu" else None
 
 
-def _parse_table(table: np.ndarray) -> Labels | None:
+def _parse_table(table: np.ndarray, max_value: int | None = 255) -> Labels | None:
     """:func:`parse_label_lists` of equal-length lists at numpy speed; None when any list
     is bad (the per-list walk then names it)."""
     n, ids, values = int(table[0, 0]), table[:, 1::2], table[:, 2::2]
     if n < 0 or table.shape[1] != 1 + 2 * n or (table[:, 0] != n).any() or (ids != ids[0]).any():
         return None
-    if ((values < 0) | (values > 255)).any():
+    if max_value is not None and ((values < 0) | (values > max_value)).any():
         return None
-    return tuple(int(i) for i in ids[0]), values.astype(np.uint8)
+    return tuple(int(i) for i in ids[0]), values.astype(_value_dtype(max_value))
 
 
-def _parse_each(path: Path, lists: Sequence[Sequence[int]] | np.ndarray) -> Labels:
+def _value_dtype(max_value: int | None) -> type[np.integer]:
+    return np.uint8 if max_value is not None and max_value <= 255 else np.int64
+
+
+def _parse_each(path: Path, lists: Sequence[Sequence[int]] | np.ndarray,
+                max_value: int | None = 255) -> Labels:
     """:func:`parse_label_lists` one list at a time, raising on the first bad one."""
     first: tuple[int, ...] | None = None
-    values = np.zeros((len(lists), 0), dtype=np.uint8)
+    values = np.zeros((len(lists), 0), dtype=_value_dtype(max_value))
     for i, entry in enumerate(lists):
         entry = [int(x) for x in entry]
         n = entry[0] if entry else -1
@@ -88,19 +108,20 @@ def _parse_each(path: Path, lists: Sequence[Sequence[int]] | np.ndarray) -> Labe
         ids, vals = tuple(entry[1::2]), entry[2::2]
         if first is None:
             first = ids
-            values = np.zeros((len(lists), n), dtype=np.uint8)
+            values = np.zeros((len(lists), n), dtype=_value_dtype(max_value))
         elif ids != first:
             what = f"N = {n}" if n != len(first) else f"parameter ids {list(ids)}"
             raise ConversionError(f"{path}: sample {i}: {what}, but sample 0 has N = {len(first)} "
                                   f"with parameter ids {list(first)} (mixed N across samples)")
-        bad = [v for v in vals if not 0 <= v <= 255]
+        bad = [] if max_value is None else [v for v in vals if not 0 <= v <= max_value]
         if bad:
-            raise ConversionError(f"{path}: sample {i}: quantized values must be 0..255, found {bad}")
+            raise ConversionError(f"{path}: sample {i}: quantized values must be 0..{max_value}, found {bad}")
         values[i] = vals
     return first or (), values
 
 
-def _stat_key(path: Path) -> tuple[str, int, int]:
+def stat_key(path: Path) -> tuple[str, int, int]:
+    """A cache key that changes when the file does."""
     st = path.stat()
     return (str(path), st.st_mtime_ns, st.st_size)
 
@@ -120,33 +141,39 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def load_pickle(path: Path) -> VimhSplit:
-    return _load_pickle(_stat_key(path))
+def read_pickle(path: Path, what: str = "VIMH") -> object:
+    """Unpickle a source file (python 2 strings decoded as latin-1, so numpy arrays load);
+    a truncated or corrupt file is a ConversionError calling it a ``what`` pickle."""
+    try:
+        with open(path, "rb") as f, _gc_paused():
+            return pickle.load(f, encoding="latin1")  # source files are the user's own data
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{path}: expected a {what} pickle, found a truncated or corrupt "
+                              f"file ({type(e).__name__}: {e})") from e
+
+
+def load_pickle(path: Path, kind: PickleKind = VIMH_PICKLE) -> VimhSplit:
+    return _load_pickle(stat_key(path), kind)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_pickle(key: tuple[str, int, int]) -> VimhSplit:
-    path = Path(key[0])
-    try:
-        with open(path, "rb") as f, _gc_paused():
-            batch = pickle.load(f, encoding="latin1")  # source files are the user's own data
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
-        raise ConversionError(f"{path}: expected a VIMH pickle, found a truncated or corrupt "
-                              f"file ({type(e).__name__}: {e})") from e
+def _load_pickle(key: tuple[str, int, int], kind: PickleKind) -> VimhSplit:
+    path, labels_key = Path(key[0]), kind.label_keys[0]
+    batch = read_pickle(path, kind.what)
     if not isinstance(batch, dict) or "data" not in batch:
         found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ConversionError(f"{path}: expected a dict with 'data' and 'vimh_labels', found {found}")
-    labels = batch.get("vimh_labels", batch.get("labels"))
+        raise ConversionError(f"{path}: expected a dict with 'data' and {labels_key!r}, found {found}")
+    labels = next((batch[k] for k in kind.label_keys if k in batch), None)
     if labels is None:
-        raise ConversionError(f"{path}: expected 'vimh_labels', found keys {sorted(batch)}")
+        raise ConversionError(f"{path}: expected {labels_key!r}, found keys {sorted(batch)}")
     data = np.asarray(batch["data"])
     if data.dtype != np.uint8 or data.ndim != 2:
         raise ConversionError(f"{path}: 'data' expected uint8 of shape (n, H*W*C), "
                               f"found {data.dtype} of shape {data.shape}")
     if len(labels) != len(data):
-        raise ConversionError(f"{path}: 'data' has {len(data)} rows but 'vimh_labels' has "
+        raise ConversionError(f"{path}: 'data' has {len(data)} rows but {labels_key!r} has "
                               f"{len(labels)} entries")
-    ids, values = parse_label_lists(path, labels)
+    ids, values = parse_label_lists(path, labels, kind.max_value)
     dims = tuple(int(batch[k]) for k in ("height", "width", "channels")) if all(
         k in batch for k in ("height", "width", "channels")) else None
     scales = batch.get("scale_factors")
@@ -155,7 +182,7 @@ def _load_pickle(key: tuple[str, int, int]) -> VimhSplit:
 
 
 def load_binary(path: Path, header_hint: int | None) -> VimhSplit:
-    return _load_binary(_stat_key(path), header_hint)
+    return _load_binary(stat_key(path), header_hint)
 
 
 @functools.lru_cache(maxsize=4)

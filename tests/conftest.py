@@ -33,6 +33,22 @@ def read_vimh_source(src: Path, split: str) -> dict[int, tuple[bytes, dict[int, 
     return out
 
 
+def no_output(out: Path) -> bool:
+    """Nothing under ``out`` looks like a shard set (no shard, no manifest)."""
+    return not list(out.rglob("*.tar")) and not list(out.rglob("manifest.json"))
+
+
+def convert_validated(fmt: str, src: Path, out: Path, splits: dict[str, int], **kwargs: object) -> dict:
+    """Convert, then require the validator (decoding every image) to find nothing wrong."""
+    from shard_tools.validate import validate
+
+    manifests = convert(fmt, src, out, **kwargs)  # type: ignore[arg-type]
+    report = validate(str(out), decode=True, progress=False)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.splits == splits
+    return manifests
+
+
 @pytest.fixture
 def vimh_source(tmp_path: Path):
     """Factory: a synthetic VIMH source directory in the real on-disk format."""

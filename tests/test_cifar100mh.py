@@ -18,7 +18,7 @@ from pipeline.readers import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
 from shard_tools.synthetic_cifar import ClassParam, generate_cifar100, generate_cifar100mh, read_class
-from shard_tools.validate import validate
+from tests.conftest import convert_validated, no_output
 
 # a head whose min is not 0: 10 classes, stored values 0..9 (the value is the class index)
 MH_PARAMS = (ClassParam("fine", 0, 99, "fine class"), ClassParam("decade", 1, 10, "fine // 10"))
@@ -46,10 +46,6 @@ def read_source(src: Path, split: str) -> Source:
             enumerate(zip(batch["data"], batch["fine_labels"], batch["coarse_labels"], strict=True))}
 
 
-def no_output(out: Path) -> bool:
-    return not list(out.rglob("*.tar")) and not list(out.rglob("manifest.json"))
-
-
 def edit_pickle(path: Path, edit: Callable[[dict], None]) -> None:
     with open(path, "rb") as f:
         batch = pickle.load(f, encoding="bytes")
@@ -61,10 +57,7 @@ def edit_pickle(path: Path, edit: Callable[[dict], None]) -> None:
 def test_roundtrip_is_pixel_and_label_exact(tmp_path: Path, layout: str) -> None:
     src = make_source(tmp_path, layout, n_train=37, n_test=9)
     out = tmp_path / "out"
-    manifests = convert("cifar100mh", src, out, max_samples=10)
-    report = validate(str(out), decode=True, progress=False)
-    assert report.ok, [str(p) for p in report.problems]
-    assert report.splits == {"train": 37, "test": 9}
+    manifests = convert_validated("cifar100mh", src, out, {"train": 37, "test": 9}, max_samples=10)
     for split, manifest in manifests.items():
         schema, source = manifest.schema, read_source(src, split)
         assert schema.image.describe() == "32x32x3 raw CHW"

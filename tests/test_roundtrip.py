@@ -14,8 +14,7 @@ from pipeline.header import HEADER_MEMBER, read_header
 from pipeline.label_columns import LABELS_MEMBER
 from pipeline.readers import decode_image, iter_shard
 from shard_tools.convert import convert
-from shard_tools.validate import validate
-from tests.conftest import read_vimh_source
+from tests.conftest import convert_validated, read_vimh_source
 
 CASES = [
     ("pickle", 1, 1), ("pickle", 3, 2), ("pickle", 3, 4),
@@ -29,10 +28,7 @@ def test_vimh_roundtrip_is_pixel_and_label_exact(tmp_path: Path, vimh_source, va
                                                  channels: int, heads: int) -> None:
     src = vimh_source(f"vimh-6x5x{channels}_rt", variant=variant, n_heads=heads, n_train=37, n_test=9)
     out = tmp_path / "out"
-    manifests = convert("vimh", src, out, max_samples=10)
-    report = validate(str(out), decode=True, progress=False)
-    assert report.ok, [str(p) for p in report.problems]
-    assert report.splits == {"train": 37, "test": 9}
+    manifests = convert_validated("vimh", src, out, {"train": 37, "test": 9}, max_samples=10)
     for split, manifest in manifests.items():
         source = read_vimh_source(src, split)
         schema = manifest.schema

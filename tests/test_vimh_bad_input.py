@@ -14,10 +14,7 @@ import pytest
 from pipeline.errors import ConversionError
 from shard_tools.convert import convert
 from shard_tools.validate import validate
-
-
-def no_output(out: Path) -> bool:
-    return not list(out.rglob("*.tar")) and not list(out.rglob("manifest.json"))
+from tests.conftest import no_output
 
 
 def edit_pickle(path: Path, edit: Callable[[dict], None]) -> None:

@@ -186,3 +186,12 @@ def test_ddp_training_with_two_gloo_processes(tmp_path: Path, data_roots) -> Non
     assert "val/note_number_acc" in done.stdout
     metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/data_stall_share" in metrics
+
+
+def test_csv_and_tensorboard_loggers_write_their_files(tmp_path: Path, data_roots) -> None:
+    cfg = config(tmp_path, f"data.train={data_roots['vimh']}", "logger=many", "trainer.max_epochs=1", "test=false",
+                 "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1")
+    train(cfg)
+    assert list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents.*"))
+    metrics = next((tmp_path / "out" / "csv").rglob("metrics.csv")).read_text()
+    assert "val/note_number_acc" in metrics and "train/data_stall_share" in metrics

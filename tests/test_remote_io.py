@@ -1,0 +1,68 @@
+"""Remote reads beyond S3: plain HTTP (a server on 127.0.0.1) and retries with backoff."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from pipeline import make_loader
+from pipeline.errors import ShardFormatError
+from pipeline.storage import read_shard
+
+
+@pytest.fixture
+def http_root(vimh_shards: Path):
+    """The converted shard set served over HTTP on 127.0.0.1."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(vimh_shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_loader_reads_a_manifest_over_http(http_root: str, vimh_shards: Path) -> None:
+    remote = make_loader(f"{http_root}/train/manifest.json", batch_size=8, num_workers=0, seed=2, with_keys=True)
+    local = make_loader(str(vimh_shards), batch_size=8, num_workers=0, seed=2, with_keys=True)
+    assert [k for _, _, ks in remote for k in ks] == [k for _, _, ks in local for k in ks]
+
+
+class FlakyFileSystem(MemoryFileSystem):
+    """Fails the first ``failures`` opens with a transient error."""
+
+    protocol = "flaky"
+    failures = 0
+
+    def _open(self, path, mode="rb", **kwargs):  # type: ignore[no-untyped-def]
+        if FlakyFileSystem.failures > 0:
+            FlakyFileSystem.failures -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return super()._open(path, mode, **kwargs)
+
+
+@pytest.fixture
+def flaky():
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    with fsspec.open("flaky://bucket/shard.tar", "wb") as f:
+        f.write(b"shard bytes")
+    yield
+    FlakyFileSystem.failures = 0
+
+
+def test_transient_errors_are_retried_with_backoff(flaky, caplog) -> None:
+    FlakyFileSystem.failures = 2
+    assert read_shard("flaky://bucket/shard.tar", retries=3, backoff=0.01) == b"shard bytes"
+    assert caplog.text.count("retry") == 2
+
+
+def test_persistent_errors_give_up_with_the_url(flaky) -> None:
+    FlakyFileSystem.failures = 10
+    with pytest.raises(ShardFormatError, match=r"flaky://bucket/shard.tar: read failed after 3 attempts "
+                                               r"\(connection reset by peer\)"):
+        read_shard("flaky://bucket/shard.tar", retries=2, backoff=0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,7 @@ from typing import Any
 
 from pipeline.batching import Transform
 from pipeline.errors import HeaderMismatchError, PipelineError, ShardFormatError
-from pipeline.header import read_header
+from pipeline.header import read_header, read_header_from
 from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_world
 from pipeline.planning import UNEVEN_POLICIES, Slice
 from pipeline.schema import DatasetSchema
@@ -37,11 +38,17 @@ def read_schema(source: str | Sequence[str], *, split: str | None = "train",
     return shards.manifest.schema if shards.manifest else read_header(shards.urls[0], storage_options)
 
 
+def _header(url: str, storage_options: dict[str, Any] | None, allow_pipe: bool) -> DatasetSchema:
+    if url.startswith("pipe:"):  # a command's output: run it (if allowed) and read the first member
+        return read_header_from(io.BytesIO(read_shard(url, allow_pipe=allow_pipe)), url)
+    return read_header(url, storage_options)
+
+
 def check_headers(urls: Sequence[str], expected: DatasetSchema | None,
-                  storage_options: dict[str, Any] | None) -> DatasetSchema:
+                  storage_options: dict[str, Any] | None, allow_pipe: bool = False) -> DatasetSchema:
     """The split's schema; every shard's header must equal it (all mismatches are listed)."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        headers = list(pool.map(lambda u: read_header(u, storage_options), urls))
+        headers = list(pool.map(lambda u: _header(u, storage_options, allow_pipe), urls))
     reference = expected or headers[0]
     bad = [u for u, h in zip(urls, headers, strict=True) if h != reference]
     if bad:
@@ -50,11 +57,13 @@ def check_headers(urls: Sequence[str], expected: DatasetSchema | None,
     return reference
 
 
-def _slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir: str | None) -> tuple[Slice, ...]:
+def _slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir: str | None,
+            allow_pipe: bool) -> tuple[Slice, ...]:
     if shards.manifest is not None:
         return tuple(Slice(u, 0, s.samples) for u, s in zip(shards.urls, shards.manifest.shards, strict=True))
     log.warning("%s: no manifest; reading every shard once to count its samples", shards.label)
-    counts = [count_samples(read_shard(u, storage_options=options, cache_dir=cache_dir), u) for u in shards.urls]
+    counts = [count_samples(read_shard(u, storage_options=options, cache_dir=cache_dir, allow_pipe=allow_pipe), u)
+              for u in shards.urls]
     return tuple(Slice(u, 0, n) for u, n in zip(shards.urls, counts, strict=True))
 
 
@@ -93,8 +102,8 @@ def make_loader(source: str | Sequence[str], *, split: str | None = "train", bat
     rank = default_rank if rank is None else rank
     shards = _pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
     expected = shards.manifest.schema if shards.manifest else None
-    schema = check_headers(shards.urls, expected, storage_options)
-    config = StreamConfig(shards=_slices(shards, storage_options, cache_dir), schema=schema,
+    schema = check_headers(shards.urls, expected, storage_options, allow_pipe)
+    config = StreamConfig(shards=_slices(shards, storage_options, cache_dir, allow_pipe), schema=schema,
                           batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           world_size=world_size, rank=rank, num_workers=num_workers, uneven=uneven,
                           drop_last=drop_last, on_error=on_error, storage_options=storage_options,

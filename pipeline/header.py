@@ -9,6 +9,7 @@ import fsspec
 
 from pipeline.errors import HeaderMismatchError, SchemaError, ShardFormatError
 from pipeline.schema import DatasetSchema
+from pipeline.storage import REMOTE_ERRORS
 
 HEADER_MEMBER = "__header__"
 
@@ -63,3 +64,5 @@ def read_header(url: str, storage_options: dict[str, Any] | None = None) -> Data
         raise ShardFormatError(f"{url}: shard not found") from e
     except PermissionError as e:
         raise ShardFormatError(f"{url}: access denied ({e}); check the credentials") from e
+    except REMOTE_ERRORS as e:
+        raise ShardFormatError(f"{url}: unreachable ({e})") from e

@@ -11,6 +11,7 @@ import fsspec
 
 from pipeline.errors import ManifestError, SchemaError
 from pipeline.schema import DatasetSchema
+from pipeline.storage import REMOTE_ERRORS
 
 MANIFEST_NAME = "manifest.json"
 
@@ -82,3 +83,5 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
         raise ManifestError(f"{url}: manifest not found") from e
     except PermissionError as e:
         raise ManifestError(f"{url}: access denied ({e}); check the credentials") from e
+    except REMOTE_ERRORS as e:
+        raise ManifestError(f"{url}: unreachable ({e})") from e

@@ -16,6 +16,7 @@ from fsspec.core import url_to_fs
 
 from pipeline.errors import ManifestError, ShardFormatError
 from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.storage import REMOTE_ERRORS
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,5 @@ def resolve_shards(source: str | Sequence[str], *, split: str | None = None,
         return _from_dir(source, fs, path, options, split)
     except PermissionError as e:
         raise ShardFormatError(f"{source}: access denied ({e}); check the credentials") from e
+    except REMOTE_ERRORS as e:
+        raise ShardFormatError(f"{source}: unreachable ({e})") from e

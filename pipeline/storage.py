@@ -19,6 +19,21 @@ from pipeline.errors import ShardFormatError
 log = logging.getLogger(__name__)
 
 
+def _remote_errors() -> tuple[type[BaseException], ...]:
+    """What a failed remote read raises: OS-level errors, and botocore's own for S3."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        pass
+    return tuple(errors)
+
+
+REMOTE_ERRORS = _remote_errors()
+
+
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
@@ -46,7 +61,7 @@ def _fetch(url: str, storage_options: dict[str, Any], retries: int, backoff: flo
         except PermissionError as e:
             raise ShardFormatError(f"{url}: access denied ({e}); check the credentials (AWS_* "
                                    "variables, ~/.aws, or storage_options key/secret)") from e
-        except (OSError, TimeoutError, ConnectionError) as e:
+        except REMOTE_ERRORS as e:
             if attempt == retries:
                 raise ShardFormatError(f"{url}: read failed after {retries + 1} attempts ({e})") from e
             delay = backoff * 2**attempt

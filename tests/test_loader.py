@@ -155,6 +155,8 @@ def test_pipe_urls_are_refused_unless_allowed(shards) -> None:
     url = f"pipe:cat {out}/train/train-000000.tar"
     with pytest.raises(ShardFormatError, match=r"pipe: URLs run shell commands; pass allow_pipe=True"):
         make_loader([url], batch_size=4, num_workers=0)
+    allowed = make_loader([url], batch_size=4, num_workers=0, allow_pipe=True, with_keys=True)
+    assert allowed.num_samples == 16 and len({k for _, _, ks in allowed for k in ks}) == 16
 
 
 def test_bad_arguments_fail_at_construction(shards) -> None:

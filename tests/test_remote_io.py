@@ -66,3 +66,10 @@ def test_persistent_errors_give_up_with_the_url(flaky) -> None:
     with pytest.raises(ShardFormatError, match=r"flaky://bucket/shard.tar: read failed after 3 attempts "
                                                r"\(connection reset by peer\)"):
         read_shard("flaky://bucket/shard.tar", retries=2, backoff=0.01)
+
+
+def test_unreachable_endpoint_is_named(tmp_path: Path) -> None:
+    options = {"key": "a", "secret": "b", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    with pytest.raises(ShardFormatError, match=r"s3://bucket/vimh: unreachable \(Could not connect"):
+        make_loader("s3://bucket/vimh", batch_size=4, num_workers=0, storage_options=options)

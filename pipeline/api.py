@@ -70,6 +70,11 @@ def _slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir: str | N
 HAND_OFF_BYTES = 8 << 20
 
 
+def _image_bytes(schema: DatasetSchema) -> int:
+    """Bytes of one decoded image (a 256x256 guess when sizes vary)."""
+    return schema.image.nbytes if schema.image.fixed_size else schema.image.channels * 256 * 256
+
+
 def hand_off_group(batch_bytes: int) -> int:
     """Batches a worker passes to the main process at once: up to 8, about 8 MiB in all."""
     return max(1, min(8, HAND_OFF_BYTES // max(1, batch_bytes)))
@@ -103,12 +108,16 @@ def make_loader(source: str | Sequence[str], *, split: str | None = "train", bat
     shards = _pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
     expected = shards.manifest.schema if shards.manifest else None
     schema = check_headers(shards.urls, expected, storage_options, allow_pipe)
+    if not schema.image.fixed_size and transform is None:
+        raise PipelineError(f"{source}: the images of {schema.name!r} vary in size ({schema.image.describe()}); "
+                            "pass a transform that gives every image one size, e.g. "
+                            "torchvision.transforms.v2.RandomResizedCrop(224)")
     config = StreamConfig(shards=_slices(shards, storage_options, cache_dir, allow_pipe), schema=schema,
                           batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           world_size=world_size, rank=rank, num_workers=num_workers, uneven=uneven,
                           drop_last=drop_last, on_error=on_error, storage_options=storage_options,
                           cache_dir=cache_dir, retries=retries, allow_pipe=allow_pipe,
-                          batches_per_hand_off=hand_off_group(batch_size * schema.image.nbytes))
+                          batches_per_hand_off=hand_off_group(batch_size * _image_bytes(schema)))
     config.plan(0)  # fail now, not in a worker, on impossible settings
     return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
                         pin_memory=pin_memory)

@@ -283,8 +283,10 @@ class BatchAssembler:
             image = decode_image(torch.frombuffer(bytearray(data or b""), dtype=torch.uint8), mode=self._mode)
         except (RuntimeError, ValueError) as e:
             return None, f"{spec.encoding}: image does not decode ({e})"
-        if tuple(image.shape) != spec.shape_chw:
-            return None, f"{spec.encoding}: image expected CxHxW {spec.shape_chw}, found {tuple(image.shape)}"
+        if (tuple(image.shape) if spec.fixed_size else image.shape[0]) != \
+                (spec.shape_chw if spec.fixed_size else spec.channels):
+            expected = spec.shape_chw if spec.fixed_size else f"{spec.channels} channels"
+            return None, f"{spec.encoding}: image expected CxHxW {expected}, found {tuple(image.shape)}"
         return image, None
 
     def _groups(self, refs: BatchRefs) -> list[tuple[DecodedShard, np.ndarray | slice, np.ndarray]]:
@@ -300,7 +302,8 @@ class BatchAssembler:
         for shard, at, rows in self._groups(refs):
             out[at] = shard.pixels[rows] if shard.pixels is not None else _gather(shard, rows, spec.nbytes)
         if spec.layout == "HWC":
-            hwc = out.reshape(len(refs), spec.height, spec.width, spec.channels)
+            channels, height, width = spec.shape_chw
+            hwc = out.reshape(len(refs), height, width, channels)
             out[:] = hwc.transpose(0, 3, 1, 2).reshape(len(refs), -1)
 
     def _images(self, refs: BatchRefs, decoded: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -314,6 +317,10 @@ class BatchAssembler:
             images = [decoded[j] for j in range(len(refs))]
         if self.transform is not None:
             images = [self.transform(image) for image in images]
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) > 1:
+            raise ShardFormatError(f"{refs.shards[0].index.url}: a batch's images have {len(shapes)} different "
+                                   f"shapes {sorted(shapes)[:4]}; the transform must give every image one size")
         return torch.stack(images)
 
     def _fill_labels(self, refs: BatchRefs, views: dict[str, torch.Tensor]) -> None:

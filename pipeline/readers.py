@@ -33,9 +33,10 @@ def decode_image(spec: ImageSpec, data: bytes, where: str = "image") -> np.ndarr
             raise ShardFormatError(f"{where}: raw image expected {spec.nbytes} bytes "
                                    f"({spec.describe()}), found {len(data)}")
         array = np.frombuffer(data, dtype=np.uint8)
+        channels, height, width = spec.shape_chw
         if spec.layout == "CHW":
-            return array.reshape(spec.shape_chw)
-        return array.reshape(spec.height, spec.width, spec.channels).transpose(2, 0, 1)
+            return array.reshape(channels, height, width)
+        return array.reshape(height, width, channels).transpose(2, 0, 1)
     try:
         with Image.open(io.BytesIO(data)) as img:
             hwc = np.asarray(img.convert("L" if spec.channels == 1 else "RGB"))

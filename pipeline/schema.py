@@ -41,7 +41,7 @@ def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: s
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
 def quantized_num_classes(minimum: float, maximum: float, step: float | None) -> int:
@@ -53,34 +53,46 @@ def quantized_num_classes(minimum: float, maximum: float, step: float | None) ->
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """Shape and storage of every image of a dataset (pixels are uint8)."""
+    """Shape and storage of every image of a dataset (pixels are uint8). ``height`` and
+    ``width`` are None when encoded (png/jpg) images vary in size."""
 
-    height: int
-    width: int
+    height: int | None
+    width: int | None
     channels: int
     encoding: str = "raw"
     layout: str = "CHW"
 
     def __post_init__(self) -> None:
-        for name in ("height", "width", "channels"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"image.{name}", "int >= 1", value)
+        sizes = (self.height, self.width)
+        _require(sizes == (None, None) or all(isinstance(v, int) and v >= 1 for v in sizes),
+                 "image.height/width", "ints >= 1, or both null (sizes vary)", sizes)
+        _require(self.fixed_size or self.encoding != "raw", "image.height/width", "fixed sizes for raw images",
+                 sizes)
+        _require(isinstance(self.channels, int) and self.channels >= 1, "image.channels", "int >= 1", self.channels)
         _require(self.channels in (1, 3, 4) or self.encoding == "raw",
                  "image.channels", "1, 3 or 4 for encoded images", self.channels)
         _require(self.encoding in ENCODINGS, "image.encoding", " | ".join(ENCODINGS), self.encoding)
         _require(self.layout in LAYOUTS, "image.layout", " | ".join(LAYOUTS), self.layout)
 
     @property
+    def fixed_size(self) -> bool:
+        return self.height is not None and self.width is not None
+
+    @property
     def nbytes(self) -> int:
-        """Size of one decoded image in bytes."""
-        return self.height * self.width * self.channels
+        """Size of one decoded image in bytes (fixed-size images only)."""
+        c, h, w = self.shape_chw
+        return c * h * w
 
     @property
     def shape_chw(self) -> tuple[int, int, int]:
+        if self.height is None or self.width is None:
+            raise SchemaError(f"image sizes vary ({self.describe()}): there is no one shape")
         return (self.channels, self.height, self.width)
 
     def describe(self) -> str:
-        return f"{self.height}x{self.width}x{self.channels} {self.encoding} {self.layout}"
+        size = f"{self.height}x{self.width}" if self.fixed_size else "(varying)"
+        return f"{size}x{self.channels} {self.encoding} {self.layout}"
 
 
 @dataclass(frozen=True)
@@ -282,8 +294,8 @@ class DatasetSchema:
         _require(isinstance(prov, Mapping), f"{where}.provenance", "an object", prov)
         return cls(
             name=_get(d, "name", str, where), split=_get(d, "split", str, where),
-            image=ImageSpec(height=_get(image, "height", int, f"{where}.image"),
-                            width=_get(image, "width", int, f"{where}.image"),
+            image=ImageSpec(height=_get(image, "height", (int, type(None)), f"{where}.image"),
+                            width=_get(image, "width", (int, type(None)), f"{where}.image"),
                             channels=_get(image, "channels", int, f"{where}.image"),
                             encoding=_get(image, "encoding", str, f"{where}.image"),
                             layout=_get(image, "layout", str, f"{where}.image")),

@@ -200,16 +200,18 @@ class _ShardChecker:
         if self.decode:
             self._decode(spec.height, spec.width, spec.channels, name, data)
 
-    def _decode(self, height: int, width: int, channels: int, name: str, data: bytes) -> None:
+    def _decode(self, height: int | None, width: int | None, channels: int, name: str, data: bytes) -> None:
+        """The image must decode; to the declared HxWxC, or with the declared channels when sizes vary."""
         try:
             with Image.open(io.BytesIO(data)) as img:
                 shape = np.asarray(img).shape
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return self.problem(name, f"image does not decode ({e})")
         found = (shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
-        if found != (height, width, channels):
-            self.problem(name, f"image expected HxWxC {height}x{width}x{channels}, "
-                               f"found {'x'.join(map(str, found))}")
+        expected = (height or found[0], width or found[1], channels)
+        if found != expected:
+            sizes = f"{height}x{width}" if height is not None else "(any)x(any)"
+            self.problem(name, f"image expected HxWxC {sizes}x{channels}, found {'x'.join(map(str, found))}")
 
 
 def _diff(a: DatasetSchema, b: DatasetSchema) -> str:

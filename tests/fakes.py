@@ -31,7 +31,8 @@ def _jpeg(array: np.ndarray) -> bytes:
 
 def class_shards(root: Path, kind: str, n: int = 48, seed: int = 0) -> Path:
     """``cifar100mh``: 32x32x3 raw CHW, heads fine (100) and coarse (20), splits train/test.
-    ``imagenet100``: 32x32 JPEG, one head ``label`` (100), splits train/val."""
+    ``imagenet100``: JPEGs of varying sizes (24 to 48 pixels a side), one head ``label`` (100),
+    splits train/val."""
     rng = np.random.default_rng(seed)
     if kind == "cifar100mh":
         image = ImageSpec(32, 32, 3)
@@ -39,7 +40,7 @@ def class_shards(root: Path, kind: str, n: int = 48, seed: int = 0) -> Path:
                                    Head(name="coarse", kind="class", num_classes=20))
         splits = ("train", "test")
     else:
-        image = ImageSpec(32, 32, 3, encoding="jpg", layout="HWC")
+        image = ImageSpec(None, None, 3, encoding="jpg", layout="HWC")
         heads = (Head(name="label", kind="class", num_classes=100),)
         splits = ("train", "val")
     for split in splits:
@@ -47,7 +48,8 @@ def class_shards(root: Path, kind: str, n: int = 48, seed: int = 0) -> Path:
                                provenance=Provenance(source_format="test-fake"))
         with ShardWriter(root / kind / split, schema, max_samples=32) as writer:
             for i in range(n):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                size = (32, 32) if image.fixed_size else tuple(int(x) for x in rng.integers(24, 49, 2))
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
                 data = _jpeg(pixels) if image.encoding == "jpg" else pixels.transpose(2, 0, 1).tobytes()
                 labels = {h.name: {"class": int(rng.integers(0, h.num_classes))} for h in heads}
                 writer.write(f"{i:08d}", [(image.encoding, data), ("labels.msgpack", encode_labels(labels))])

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline import make_loader
-from pipeline.errors import HeaderMismatchError, ShardFormatError
+from pipeline.errors import HeaderMismatchError, PipelineError, ShardFormatError
 from pipeline.label_columns import LABELS_MEMBER
 from pipeline.schema import DatasetSchema, Head, ImageSpec
 from shard_tools.convert import convert
@@ -134,3 +134,21 @@ def test_missing_shard(shards: Path) -> None:
     (shards / "train" / "train-000001.tar").unlink()
     with pytest.raises(ShardFormatError, match=r"train-000001.tar: shard not found"):
         make_loader(str(shards), batch_size=8, num_workers=0)
+
+
+def test_images_of_varying_size_need_a_transform(tmp_path: Path) -> None:
+    from torchvision.transforms import v2
+
+    from shard_tools.validate import validate
+    from tests.fakes import class_shards
+
+    root = class_shards(tmp_path, "imagenet100", n=20)
+    with pytest.raises(PipelineError, match=r"vary in size \(\(varying\)x3 jpg HWC\); pass a transform"):
+        make_loader(str(root), batch_size=8, num_workers=0)
+    loader = make_loader(str(root), batch_size=8, num_workers=0, transform=v2.CenterCrop(20), with_keys=True)
+    shapes = [tuple(images.shape) for images, _, _ in loader]
+    assert shapes == [(8, 3, 20, 20), (8, 3, 20, 20), (4, 3, 20, 20)]
+    uneven = make_loader(str(root), batch_size=8, num_workers=0, transform=lambda x: x)
+    with pytest.raises(ShardFormatError, match=r"a batch's images have \d+ different shapes .* one size"):
+        next(iter(uneven))
+    assert validate(str(root), decode=True, progress=False).ok

@@ -93,7 +93,7 @@ def _dict(**changes) -> dict:
     (json.dumps(_dict(heads=[_dict()["heads"][0]] * 2)), r"heads: expected unique head names, found \['a'\]"),
     (json.dumps(_dict(image={**_dict()["image"], "encoding": "webp"})),
      r"image.encoding: expected raw \| png \| jpg, found 'webp'"),
-    (json.dumps(_dict(image={**_dict()["image"], "height": "8"})), r"image.height: expected int, found '8'"),
+    (json.dumps(_dict(image={**_dict()["image"], "height": "8"})), r"image.height: expected int or null, found '8'"),
     (json.dumps(_dict(heads=[{**_dict()["heads"][0], "name": "has space"}])), r"head.name: expected an identifier"),
     (json.dumps(_dict(heads=[{**_dict()["heads"][0], "max": -1.0}])), r"head 'a'.max: expected a finite number > min"),
 ])

@@ -15,12 +15,23 @@ from typing import Any
 import lightning as L
 
 from pipeline import make_loader, read_schema
+from pipeline.batching import Transform
 from pipeline.errors import SchemaError
 from pipeline.loader import ShardLoader
-from pipeline.schema import DatasetSchema
+from pipeline.schema import DatasetSchema, ImageSpec
 
 log = logging.getLogger(__name__)
 Source = str | Sequence[str]
+
+
+def default_transforms(size: int, *, train: bool) -> Transform:
+    """torchvision v2 transforms to ``size`` x ``size``: a random resized crop and flip for
+    training, resize and centre crop for evaluation. Images stay uint8."""
+    from torchvision.transforms import v2
+
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
 class _EpochSetter:
@@ -64,7 +75,8 @@ class MultiheadDataModule(L.LightningDataModule):
                  batch_size: int = 256, eval_batch_size: int | None = None, num_workers: int = 2,
                  seed: int = 0, shuffle_buffer: int = 4096, drop_last: bool = False, on_error: str = "raise",
                  storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
-                 with_keys: bool = False) -> None:
+                 with_keys: bool = False, image_size: int | None = None,
+                 train_transform: Transform | None = None, eval_transform: Transform | None = None) -> None:
         super().__init__()
         self.sources = {"train": (train, train_split), "val": (val or train, val_split),
                         "test": (test or train, test_split)}
@@ -73,8 +85,23 @@ class MultiheadDataModule(L.LightningDataModule):
                         "on_error": on_error, "with_keys": with_keys}
         self.seed, self.shuffle_buffer, self.drop_last = seed, shuffle_buffer, drop_last
         self.schema: DatasetSchema = read_schema(train, split=train_split, storage_options=storage_options)
+        self.input_image = self._input_image(image_size)
+        if image_size is not None:
+            train_transform = train_transform or default_transforms(image_size, train=True)
+            eval_transform = eval_transform or default_transforms(image_size, train=False)
+        self.train_transform, self.eval_transform = train_transform, eval_transform
         self._resume: dict[str, int] | None = None
         self._train: ShardLoader | None = None
+
+    def _input_image(self, image_size: int | None) -> ImageSpec:
+        """What the model sees: the stored images, or ``image_size`` squares after the transforms."""
+        spec = self.schema.image
+        if image_size is None:
+            if not spec.fixed_size:
+                raise SchemaError(f"the images of {self.schema.name!r} vary in size; set image_size (and, if "
+                                  "you like, train_transform/eval_transform) so that the model sees one size")
+            return spec
+        return ImageSpec(image_size, image_size, spec.channels)
 
     def check_split(self, stage: str) -> DatasetSchema:
         """The schema of a stage's split; its heads must be the training split's."""
@@ -88,7 +115,8 @@ class MultiheadDataModule(L.LightningDataModule):
     def train_dataloader(self) -> LightningLoader:
         source, split = self.sources["train"]
         self._train = make_loader(source, split=split, batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                                  shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last, **self.options)
+                                  shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last,
+                                  transform=self.train_transform, **self.options)
         if self._resume is not None:
             state = {**self._train.state_dict(), **self._resume}
             self._train.load_state_dict(state)
@@ -100,7 +128,7 @@ class MultiheadDataModule(L.LightningDataModule):
         self.check_split(stage)
         source, split = self.sources[stage]
         return LightningLoader(make_loader(source, split=split, batch_size=self.eval_batch_size, shuffle=False,
-                                           uneven="pad", **self.options))
+                                           uneven="pad", transform=self.eval_transform, **self.options))
 
     def val_dataloader(self) -> LightningLoader:
         return self._eval_loader("val")

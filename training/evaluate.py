@@ -64,7 +64,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     schema = checkpoint_schema(cfg.ckpt_path)
     check_same_heads(schema, datamodule.schema, "checkpoint")
-    model = instantiate(cfg.model, _partial_=True)(schema=schema)
+    model = instantiate(cfg.model, _partial_=True)(schema=schema, image=datamodule.input_image)
     model.load_state_dict(torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
     loaders = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
                "test": datamodule.test_dataloader}

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.batching import value_key
 from pipeline.errors import SchemaError
-from pipeline.schema import DatasetSchema
+from pipeline.schema import DatasetSchema, ImageSpec
 from training.backbones import Backbone
 from training.losses import HeadLoss
 
@@ -40,7 +40,7 @@ class MultiheadModule(L.LightningModule):
     def __init__(self, schema: DatasetSchema | Mapping[str, Any], backbone: Callable[..., Backbone],
                  optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, loss_weights: Mapping[str, float] | None = None,
-                 quantized_loss: str = "ce") -> None:
+                 quantized_loss: str = "ce", image: ImageSpec | None = None) -> None:
         super().__init__()
         self.schema = schema if isinstance(schema, DatasetSchema) else DatasetSchema.from_dict(schema)
         weights = dict(loss_weights or {})
@@ -50,7 +50,7 @@ class MultiheadModule(L.LightningModule):
                               f"its heads: {list(self.schema.head_names)}")
         self.save_hyperparameters({"schema": self.schema.to_dict(), "loss_weights": weights,
                                    "quantized_loss": quantized_loss})
-        self.backbone = backbone(image=self.schema.image)
+        self.backbone = backbone(image=image or self.schema.image)  # image: after the data's transforms
         self.heads = nn.ModuleDict({h.name: HeadLoss(h, self.backbone.out_features, quantized_loss)
                                     for h in self.schema.heads})
         self.weights = {h.name: float(weights.get(h.name, 1.0)) for h in self.schema.heads}

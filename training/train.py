@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     if cfg.get("ckpt_path"):
         check_same_heads(checkpoint_schema(cfg.ckpt_path), datamodule.schema, "checkpoint")
-    model = instantiate(cfg.model, _partial_=True)(schema=datamodule.schema)  # the schema object, not a copy
+    model = instantiate(cfg.model, _partial_=True)(schema=datamodule.schema, image=datamodule.input_image)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
                                                  logger=instantiate_all(cfg.get("logger")) or False)
     log.info("dataset %s: heads %s", datamodule.schema.name,

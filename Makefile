@@ -15,11 +15,13 @@ EXPERIMENT ?= $(DATASET)_cnn
 ARGS    ?=
 DEMO_SRC := $(DATA)/sources/vimh-32x32x3_demo
 # demo sources `make shards` generates when SRC is not given, and the file that marks each done
-SHARD_FORMATS := vimh cifar100mh
+SHARD_FORMATS := vimh cifar100mh imagenet100
 DEMO_SRC_vimh := $(DEMO_SRC)
 DEMO_DONE_vimh := $(DEMO_SRC)/vimh_dataset_info.json
 DEMO_SRC_cifar100mh := $(DATA)/sources/cifar100mh-32x32x3_demo
 DEMO_DONE_cifar100mh := $(DEMO_SRC_cifar100mh)/cifar100mh_dataset_info.json
+DEMO_SRC_imagenet100 := $(DATA)/sources/imagenet100_demo
+DEMO_DONE_imagenet100 := $(DEMO_SRC_imagenet100)/.generated
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -42,13 +44,17 @@ $(DEMO_SRC)/vimh_dataset_info.json: | $(STAMP)
 $(DEMO_DONE_cifar100mh): | $(STAMP)
 	$(BIN)/shards generate $(DEMO_SRC_cifar100mh) --format cifar100mh --train 4096 --test 1024
 
+$(DEMO_DONE_imagenet100): | $(STAMP)
+	$(BIN)/shards generate $(DEMO_SRC_imagenet100) --format imagenet100
+	touch $@
+
 demo: $(STAMP) $(DEMO_SRC)/vimh_dataset_info.json ## Main job end to end: generate, convert, validate, train, per-head metrics
 	$(BIN)/shards convert vimh $(DEMO_SRC) $(DATA)/shards/demo --max-samples 1024
 	$(BIN)/shards validate $(DATA)/shards/demo --decode
 	$(BIN)/shards inspect $(DATA)/shards/demo --grid $(DATA)/shards/demo/grid.png
 	$(BIN)/python -m training.train experiment=vimh_demo data.train=$(DATA)/shards/demo paths.log_dir=$(DATA)/logs
 
-shards: $(STAMP) ## Convert a source: make shards DATASET=vimh|cifar100mh [SRC=dir] [OUT=dir] (no SRC: a generated demo)
+shards: $(STAMP) ## Convert a source: make shards DATASET=vimh|cifar100mh|imagenet100 [SRC=dir] [OUT=dir] (no SRC: a generated demo)
 	@if [ -z "$(filter $(DATASET),$(SHARD_FORMATS))" ]; then echo "DATASET=$(DATASET): expected one of: $(SHARD_FORMATS)"; exit 2; fi
 	@if [ -z "$(SRC)" ]; then $(MAKE) --no-print-directory $(DEMO_DONE_$(DATASET)); fi
 	$(BIN)/shards convert $(DATASET) $(or $(SRC),$(DEMO_SRC_$(DATASET))) $(OUT)

@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConversionError, PipelineError
 
 log = logging.getLogger("shards")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
@@ -33,9 +33,11 @@ def parse_dims(text: str) -> tuple[int, int, int]:
 def _convert(args: argparse.Namespace) -> int:
     from shard_tools.convert import convert
 
+    given = {"class_list": args.class_list, "resize": args.resize, "quality": args.quality, "on_bad": args.on_bad}
     manifests = convert(args.format, args.src, args.out, splits=args.split or None,
                         shuffle=not args.no_shuffle, seed=args.seed,
-                        max_samples=args.max_samples or None, max_bytes=args.max_bytes or None)
+                        max_samples=args.max_samples or None, max_bytes=args.max_bytes or None,
+                        options={k: v for k, v in given.items() if v is not None})
     for split, m in manifests.items():
         print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {Path(args.out) / split}")
     return 0
@@ -80,7 +82,18 @@ def _inspect(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from shard_tools.synthetic import generate_vimh
     from shard_tools.synthetic_cifar import generate_cifar100, generate_cifar100mh
+    from shard_tools.synthetic_imagenet import generate_imagenet100
 
+    if args.bad_files and args.format != "imagenet100":
+        raise ConversionError(f"--bad-files: for --format imagenet100 only, found --format {args.format}")
+    if args.format == "imagenet100":
+        out = generate_imagenet100(args.out, n_train=3 if args.train is None else args.train,
+                                   n_val=1 if args.test is None else args.test, bad_files=args.bad_files,
+                                   seed=args.seed)
+        print(f"synthetic ImageNet-100 source (CMC classes) -> {out}")
+        return 0
+    args.train = 2048 if args.train is None else args.train
+    args.test = 512 if args.test is None else args.test
     if args.format == "cifar100mh":
         out = generate_cifar100mh(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
         print(f"synthetic CIFAR-100-MH source -> {out}")
@@ -101,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a source dataset into shards")
-    p.add_argument("format", help="source format: vimh or cifar100mh (CIFAR-100-MH or the CIFAR-100 "
-                                  "python release, detected)")
+    p.add_argument("format", help="source format: vimh, cifar100mh (CIFAR-100-MH or the CIFAR-100 "
+                                  "python release, detected) or imagenet100")
     p.add_argument("src", help="source dataset directory")
     p.add_argument("out", help="output directory (one subdirectory per split)")
     p.add_argument("--split", action="append", help="convert only this split (repeatable)")
@@ -111,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per shard, e.g. 64MB (0: no limit)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     p.add_argument("--no-shuffle", action="store_true", help="keep source order")
+    p.add_argument("--class-list", metavar="cmc|hjepa|FILE",
+                   help="imagenet100 only: the class list (default cmc; FILE: one wnid per line, optional name)")
+    p.add_argument("--resize", type=int, metavar="N", help="imagenet100 only: re-encode with shorter side N")
+    p.add_argument("--quality", type=int, metavar="Q", help="imagenet100 only: JPEG quality of re-encoded "
+                                                            "images (default 90)")
+    p.add_argument("--on-bad", choices=["convert", "skip", "error"],
+                   help="imagenet100 only: non-RGB or non-JPEG files (default convert; unreadable ones are "
+                        "skipped unless error)")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("validate", help="check shards and report every problem")
@@ -129,10 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write a synthetic source (learnable labels)")
     p.add_argument("out", help="directory to create, e.g. data/vimh-32x32x3_demo")
-    p.add_argument("--format", default="vimh", choices=["vimh", "cifar100mh", "cifar100"],
-                   help="vimh; cifar100mh (CIFAR-100-MH layout); cifar100 (CIFAR-100 python release layout)")
-    p.add_argument("--train", type=int, default=2048)
-    p.add_argument("--test", type=int, default=512)
+    p.add_argument("--format", default="vimh", choices=["vimh", "cifar100mh", "cifar100", "imagenet100"],
+                   help="vimh; cifar100mh (CIFAR-100-MH layout); cifar100 (CIFAR-100 python release layout); "
+                        "imagenet100 (train/ and val/ JPEG folders, CMC classes)")
+    p.add_argument("--train", type=int, help="train samples (default 2048; imagenet100: per class, 3)")
+    p.add_argument("--test", type=int, help="test samples (default 512; imagenet100: val per class, 1)")
+    p.add_argument("--bad-files", action="store_true",
+                   help="imagenet100 only: add a grayscale, a CMYK and a PNG-in-disguise train file")
     p.add_argument("--size", type=parse_dims, default=(32, 32, 3), help="HxWxC (vimh only; CIFAR is 32x32x3)")
     p.add_argument("--heads", type=int, default=2, help="vimh only")
     p.add_argument("--variant", default="pickle", choices=["pickle", "binary", "binary-v1", "both"],

@@ -4,8 +4,9 @@ split. Checks, label records and tar members are built a block at a time with nu
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -101,12 +102,14 @@ def stage_split(fmt: SourceFormat, src: Path, split: str, out: Path, *, shuffle:
 def convert(format_name: str, src: str | Path, out: str | Path, *,
             splits: Sequence[str] | None = None, shuffle: bool = True, seed: int = 0,
             max_samples: int | None = DEFAULT_MAX_SAMPLES,
-            max_bytes: int | None = DEFAULT_MAX_BYTES) -> dict[str, Manifest]:
+            max_bytes: int | None = DEFAULT_MAX_BYTES,
+            options: Mapping[str, Any] | None = None) -> dict[str, Manifest]:
     """Convert every split (or the named ones) of a source dataset into shards under ``out``.
+    ``options`` configure the source format (see :class:`SourceFormat`; most take none).
 
     All splits are staged first and published together: a run that fails on any split
     publishes nothing and leaves earlier output as it was."""
-    fmt, src, out = get_format(format_name), Path(src), Path(out)
+    fmt, src, out = get_format(format_name, options), Path(src), Path(out)
     wanted = tuple(splits) if splits else fmt.splits(src)
     for split in wanted:
         fmt.read_schema(src, split)  # fail on inconsistent input before writing anything

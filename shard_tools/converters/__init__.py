@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,9 +47,16 @@ def blocks_of(indices: Sequence[int] | np.ndarray, size: int) -> Iterator[np.nda
 
 
 class SourceFormat(Protocol):
-    """What a converter module provides."""
+    """What a converter module provides.
 
-    NAME: str
+    Options: a format that takes options (``imagenet100``: class list, resize, ...) also
+    has a module-level ``configure(**options)`` that returns the format with those options
+    set, an object with these same members; :func:`get_format` calls it when options are
+    given and refuses options for a format without it. The module-level functions are the
+    format with its default options, so VIMH and CIFAR take none and are unchanged."""
+
+    @property
+    def NAME(self) -> str: ...
 
     def splits(self, src: Path) -> tuple[str, ...]:
         """The splits present in ``src``, in conversion order."""
@@ -65,11 +72,19 @@ class SourceFormat(Protocol):
         blocks of any size (about :data:`BLOCK_BYTES` of images keeps memory small)."""
 
 
-def get_format(name: str) -> SourceFormat:
-    """The converter module registered under ``name``."""
-    from shard_tools.converters import cifar100mh, vimh
+def get_format(name: str, options: Mapping[str, Any] | None = None) -> SourceFormat:
+    """The converter module registered under ``name``, configured with ``options`` if any."""
+    from shard_tools.converters import cifar100mh, imagenet100, vimh
 
-    formats: dict[str, SourceFormat] = {"vimh": vimh, "cifar100mh": cifar100mh}
+    formats: dict[str, SourceFormat] = {"vimh": vimh, "cifar100mh": cifar100mh, "imagenet100": imagenet100}
     if name not in formats:
         raise ConversionError(f"unknown source format {name!r}; expected one of {sorted(formats)}")
-    return formats[name]
+    if not options:
+        return formats[name]
+    configure = getattr(formats[name], "configure", None)
+    if configure is None:
+        takes = sorted(n for n, f in formats.items() if hasattr(f, "configure"))
+        raise ConversionError(f"source format {name!r} takes no options, found {sorted(options)} "
+                              f"(formats with options: {takes})")
+    configured: SourceFormat = configure(**options)
+    return configured

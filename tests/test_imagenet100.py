@@ -1,0 +1,237 @@
+"""ImageNet-100 converter: JPEGs byte-identical in pass-through, labels = class list position,
+the three class lists, resize, missing classes, and each bad file kind under each on_bad."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import ConversionError
+from pipeline.labels import decode_labels
+from pipeline.readers import iter_shard
+from shard_tools.cli import main
+from shard_tools.convert import convert
+from shard_tools.converters.imagenet100 import builtin_class_list
+from shard_tools.synthetic_imagenet import generate_imagenet100, read_class
+from shard_tools.validate import validate
+from tests.conftest import no_output
+from tests.test_make import needs_make, run_make
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+Samples = dict[str, dict[int, tuple[bytes, int]]]
+
+
+def make_source(tmp_path: Path, lines: str = "\n".join(WNIDS), **kwargs: object) -> tuple[Path, Path]:
+    """A 3-class source (2 train + 1 val JPEGs per class) and its class list file."""
+    class_file = tmp_path / "classes.txt"
+    class_file.write_text(lines + "\n")
+    kwargs.setdefault("n_train", 2)
+    src = generate_imagenet100(tmp_path / "imagenet100", class_list=str(class_file), **kwargs)  # type: ignore[arg-type]
+    return src, class_file
+
+
+def source_files(src: Path, split: str, wnids: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """Test oracle: the kept files in sample order (list position, then file name)."""
+    return [(f, label) for label, w in enumerate(wnids) for f in sorted((src / split / w).glob("*.JPEG"))]
+
+
+def read_shards(out: Path) -> Samples:
+    """split -> index -> (image bytes, label), read back member by member."""
+    samples: Samples = {}
+    for shard in sorted(out.glob("*/*.tar")):
+        for key, members in iter_shard(str(shard)):
+            record = decode_labels(members["labels.msgpack"])
+            assert record == msgpack.unpackb(members["labels.msgpack"])
+            assert set(members) == {"jpg", "labels.msgpack"}
+            samples.setdefault(shard.parent.name, {})[int(key)] = (members["jpg"], record["label"]["class"])
+    return samples
+
+
+def test_passthrough_roundtrip_is_byte_exact(tmp_path: Path) -> None:
+    src, class_file = make_source(tmp_path)
+    out = tmp_path / "out"
+    manifests = convert("imagenet100", src, out, max_samples=4, options={"class_list": str(class_file)})
+    assert sorted(manifests) == ["train", "val"]
+    samples = read_shards(out)
+    for split, manifest in manifests.items():
+        schema = manifest.schema
+        assert schema.image.describe() == "(varying)x3 jpg HWC"
+        assert [(h.name, h.kind, h.num_classes, h.class_names) for h in schema.heads] == [
+            ("label", "class", 3, WNIDS)]
+        assert (schema.provenance.source_format, schema.provenance.source_version) == ("imagenet-folder",
+                                                                                       "file:classes.txt")
+        expected = source_files(src, split, WNIDS)
+        assert len(samples[split]) == manifest.num_samples == len(expected)
+        for index, (path, label) in enumerate(expected):
+            assert samples[split][index] == (path.read_bytes(), label)
+    report = validate(str(out), decode=False, progress=False)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.splits == {"train": 6, "val": 3}
+
+
+@pytest.mark.parametrize("name", ["cmc", "hjepa"])
+def test_builtin_lists_one_image_per_class(tmp_path: Path, name: str) -> None:
+    """The full lists (100 classes, shipped in the package); no val/ → only train."""
+    wnids = builtin_class_list(name).wnids
+    assert len(wnids) == len(set(wnids)) == 100
+    src = generate_imagenet100(tmp_path / "src", n_train=1, n_val=0, class_list=name)
+    options = {} if name == "cmc" else {"class_list": name}
+    manifests = convert("imagenet100", src, tmp_path / "out", options=options)
+    assert list(manifests) == ["train"]
+    schema = manifests["train"].schema
+    assert schema.heads[0].class_names == wnids and schema.provenance.source_version == name
+    for index, (image, label) in read_shards(tmp_path / "out")["train"].items():
+        assert label == index  # one file per class: sample index = list position = label
+        assert (src / "train" / wnids[label] / f"{wnids[label]}_0000.JPEG").read_bytes() == image
+        assert read_class(np.asarray(Image.open(io.BytesIO(image)))) == label
+
+
+def test_missing_classes_are_all_listed(tmp_path: Path) -> None:
+    """An H-JEPA source under the CMC list: every CMC wnid it lacks is named."""
+    src = generate_imagenet100(tmp_path / "src", n_train=1, n_val=0, class_list="hjepa")
+    missing = [w for w in builtin_class_list("cmc").wnids if w not in builtin_class_list("hjepa").wnids]
+    with pytest.raises(ConversionError, match=rf"train: {len(missing)} of the 100 classes of the cmc class list "
+                                              r"have no directory: ") as error:
+        convert("imagenet100", src, tmp_path / "out")
+    assert str(error.value).endswith(", ".join(missing))
+    assert no_output(tmp_path / "out")
+
+
+def test_missing_class_in_one_split(tmp_path: Path) -> None:
+    src, class_file = make_source(tmp_path)
+    for wnid in WNIDS[1:]:
+        for f in (src / "val" / wnid).iterdir():
+            f.unlink()
+        (src / "val" / wnid).rmdir()
+    with pytest.raises(ConversionError, match=rf"val: 2 of the 3 classes .* no directory: {WNIDS[1]}, {WNIDS[2]}$"):
+        convert("imagenet100", src, tmp_path / "out", options={"class_list": str(class_file)})
+    assert no_output(tmp_path / "out")
+
+
+def test_names_column_extra_directories_and_absent_split(tmp_path: Path, caplog) -> None:
+    lines = f"# wnid name\n{WNIDS[2]}\ttench\n\n{WNIDS[0]} great white shark\n{WNIDS[1]}"
+    src, class_file = make_source(tmp_path, lines, n_val=0)
+    (src / "train" / "n99999999").mkdir()
+    with caplog.at_level(logging.INFO):
+        manifests = convert("imagenet100", src, tmp_path / "out", options={"class_list": str(class_file)})
+    assert list(manifests) == ["train"]
+    assert manifests["train"].schema.heads[0].class_names == ("tench", "great white shark", WNIDS[1])
+    assert caplog.text.count("ignoring 1 directories not in the file:classes.txt class list: n99999999") == 1
+    order = (WNIDS[2], WNIDS[0], WNIDS[1])
+    samples = read_shards(tmp_path / "out")["train"]
+    assert [samples[i] for i in range(6)] == [(f.read_bytes(), label) for f, label in
+                                              source_files(src, "train", order)]
+
+
+def test_resize_gives_the_shorter_side(tmp_path: Path) -> None:
+    src, class_file = make_source(tmp_path, bad_files=True)
+    manifests = convert("imagenet100", src, tmp_path / "out",
+                        options={"class_list": str(class_file), "resize": 40, "quality": 80})
+    assert {f.name: f.value for f in manifests["train"].schema.fixed_parameters} == {
+        "jpeg_quality": 80, "resize_shorter_side": 40}
+    samples = read_shards(tmp_path / "out")
+    for split in ("train", "val"):
+        expected = source_files(src, split, WNIDS)
+        assert len(samples[split]) == len(expected)
+        for index, (path, label) in enumerate(expected):
+            image = Image.open(io.BytesIO(samples[split][index][0]))
+            assert (image.format, image.mode, min(image.size)) == ("JPEG", "RGB", 40)
+            source = Image.open(path).size
+            assert abs(image.size[0] / image.size[1] - source[0] / source[1]) < 0.05
+            assert samples[split][index][1] == label
+
+
+def _write_bad(path: Path, kind: str) -> None:
+    if kind == "unreadable":
+        path.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+        return
+    pixels = Image.fromarray(np.full((20, 30, 3), 90, dtype=np.uint8))
+    mode, fmt = {"gray": ("L", "JPEG"), "cmyk": ("CMYK", "JPEG"), "png": ("RGB", "PNG")}[kind]
+    pixels.convert(mode).save(path, format=fmt)
+
+
+BAD_KINDS = {"gray": r"not RGB \(mode L\)", "cmyk": r"not RGB \(mode CMYK\)", "png": r"not a JPEG \(a PNG file\)",
+             "unreadable": r"unreadable \(\w*Error: "}
+
+
+@pytest.mark.parametrize("on_bad", ["convert", "skip", "error"])
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_bad_file(tmp_path: Path, caplog, kind: str, on_bad: str) -> None:
+    src, class_file = make_source(tmp_path)
+    bad = src / "train" / WNIDS[1] / f"{WNIDS[1]}_0001a.JPEG"  # sorts between the class's two files
+    _write_bad(bad, kind)
+    options = {"class_list": str(class_file), "on_bad": on_bad}
+    out = tmp_path / "out"
+    if on_bad == "error":
+        with pytest.raises(ConversionError, match=rf"{bad.name}: {BAD_KINDS[kind]}.*on_bad='error' refuses it"):
+            convert("imagenet100", src, out, options=options)
+        assert no_output(out)
+        return
+    with caplog.at_level(logging.WARNING):
+        manifests = convert("imagenet100", src, out, shuffle=False, options=options)
+    kept = on_bad == "convert" and kind != "unreadable"
+    action = "re-encoded as an RGB JPEG" if kept else "skipped"
+    assert caplog.text.count(f"{bad.name}: ") == 1 and f": {action}" in caplog.text
+    assert f"1 bad file(s): {int(kept)} re-encoded, {int(not kept)} skipped; {6 + kept} samples" in caplog.text
+    assert manifests["train"].num_samples == 6 + kept
+    expected = [(f, label) for f, label in source_files(src, "train", WNIDS) if kept or f != bad]
+    samples = read_shards(out)["train"]
+    for index, (path, label) in enumerate(expected):
+        image, found = samples[index]
+        assert found == label
+        if path == bad:
+            decoded = Image.open(io.BytesIO(image))
+            assert (decoded.format, decoded.mode, decoded.size) == ("JPEG", "RGB", (30, 20))
+        else:
+            assert image == path.read_bytes()
+
+
+def test_no_split_and_bad_options(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match=r"empty: expected train/ and/or val/"):
+        convert("imagenet100", tmp_path / "empty", tmp_path / "out")
+    src, _ = make_source(tmp_path)
+    for options, error in [({"on_bad": "ignore"}, r"option on_bad: expected convert \| skip \| error"),
+                           ({"resize": 0}, r"option resize: expected a shorter side"),
+                           ({"colour": "red"}, r"unknown option\(s\) in \['colour'\]"),
+                           ({"class_list": str(tmp_path / "nope.txt")}, r"nope.txt: class list: .*no such file")]:
+        with pytest.raises(ConversionError, match=error):
+            convert("imagenet100", src, tmp_path / "out", options=options)
+    with pytest.raises(ConversionError, match=r"source format 'vimh' takes no options, found \['resize'\]"):
+        convert("vimh", src, tmp_path / "out", options={"resize": 64})
+    assert no_output(tmp_path / "out")
+
+
+def test_duplicate_wnid_in_class_list(tmp_path: Path) -> None:
+    src, class_file = make_source(tmp_path)
+    class_file.write_text(f"{WNIDS[0]}\n{WNIDS[1]}\n{WNIDS[0]} again\n")
+    with pytest.raises(ConversionError, match=rf"classes.txt: line 3: {WNIDS[0]} is already listed on line 1"):
+        convert("imagenet100", src, tmp_path / "out", options={"class_list": str(class_file)})
+
+
+def test_cli_generate_and_convert(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    assert main(["generate", str(src), "--format", "imagenet100", "--train", "1", "--test", "1", "--bad-files"]) == 0
+    assert main(["convert", "imagenet100", str(src), str(tmp_path / "out"), "--on-bad", "skip",
+                 "--resize", "32", "--quality", "75"]) == 0
+    output = capsys.readouterr().out
+    assert "train: 100 samples in 1 shards" in output and "val: 100 samples in 1 shards" in output
+    assert main(["convert", "imagenet100", str(src), str(tmp_path / "out2"), "--class-list", "hjepa"]) == 2
+    assert "of the 100 classes of the hjepa class list have no directory" in capsys.readouterr().err
+    assert main(["convert", "vimh", str(src), str(tmp_path / "out3"), "--resize", "32"]) == 2
+    assert "source format 'vimh' takes no options" in capsys.readouterr().err
+    assert no_output(tmp_path / "out2") and no_output(tmp_path / "out3")
+
+
+@needs_make
+def test_make_shards_imagenet100_from_a_generated_source(tmp_path: Path) -> None:
+    run_make(tmp_path, "shards", "DATASET=imagenet100")
+    assert (tmp_path / "sources/imagenet100_demo/.generated").exists()
+    assert validate(str(tmp_path / "shards/imagenet100"), decode=False, progress=False).splits == {
+        "train": 300, "val": 100}

@@ -37,7 +37,7 @@ def _convert(args: argparse.Namespace) -> int:
     manifests = convert(args.format, args.src, args.out, splits=args.split or None,
                         shuffle=not args.no_shuffle, seed=args.seed,
                         max_samples=args.max_samples or None, max_bytes=args.max_bytes or None,
-                        options={k: v for k, v in given.items() if v is not None})
+                        options={k: v for k, v in given.items() if v is not None}, workers=args.workers)
     for split, m in manifests.items():
         print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {Path(args.out) / split}")
     return 0
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per shard, e.g. 64MB (0: no limit)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     p.add_argument("--no-shuffle", action="store_true", help="keep source order")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that read and encode samples (the shards are the same for any number)")
     p.add_argument("--class-list", metavar="cmc|hjepa|FILE",
                    help="imagenet100 only: the class list (default cmc; FILE: one wnid per line, optional name)")
     p.add_argument("--resize", type=int, metavar="N", help="imagenet100 only: re-encode with shorter side N")

@@ -3,8 +3,12 @@ split. Checks, label records and tar members are built a block at a time with nu
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Mapping, Sequence
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import ConversionError
-from pipeline.label_columns import label_columns
+from pipeline.label_columns import Columns, label_columns
 from pipeline.labels import LabelEncoder
 from pipeline.manifest import Manifest
 from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
-from shard_tools.converters import SampleBlock, SourceFormat, get_format
-from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, Rows, ShardWriter
+from shard_tools.converters import SampleBlock, get_format
+from shard_tools.staging import resume_key, source_fingerprint
+from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, Member, Rows, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -77,38 +82,96 @@ def check_block(schema: DatasetSchema, block: SampleBlock, where: str) -> None:
                           f"in 0..{limits[col - 1] - 1}, found {int(block.labels[row, col - 1])!r}")
 
 
-def stage_split(fmt: SourceFormat, src: Path, split: str, out: Path, *, shuffle: bool = True,
-                seed: int = 0, max_samples: int | None = DEFAULT_MAX_SAMPLES,
-                max_bytes: int | None = DEFAULT_MAX_BYTES) -> ShardWriter:
-    """Write one split of ``src`` into staging under ``out/<split>/``; publish it later."""
-    schema = fmt.read_schema(src, split)
-    order = sample_order(fmt.count_samples(src, split), shuffle=shuffle, seed=seed)
-    ext = schema.image.encoding
-    writer = ShardWriter(out / split, schema, max_samples=max_samples, max_bytes=max_bytes,
-                         publish_on_exit=False)
-    encoder = LabelEncoder(schema)
-    with writer, tqdm(total=len(order), desc=f"{schema.name}/{split}", unit="sample",
+Prepared = tuple[list[str], list[tuple[str, Member]], Columns, int]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a worker process needs to read a split (picklable)."""
+
+    format_name: str
+    options: Mapping[str, Any] | None
+    src: Path
+    split: str
+
+
+def prepare_blocks(source: _Source, schema: DatasetSchema, indices: Sequence[int]) -> Iterator[Prepared]:
+    """The samples at ``indices``, checked and turned into tar members and label columns."""
+    fmt = get_format(source.format_name, source.options)
+    encoder, ext = LabelEncoder(schema), schema.image.encoding
+    for block in fmt.iter_blocks(source.src, source.split, indices):
+        check_block(schema, block, f"{source.src} ({source.split})")
+        images = Rows(block.images) if isinstance(block.images, np.ndarray) else block.images
+        labels = Rows(*encoder.encode(block.labels, block.extra))
+        yield (sample_keys(block.indices), [(ext, images), ("labels.msgpack", labels)],
+               label_columns(schema, block.labels), len(block))
+
+
+def _prepare_chunk(source: _Source, schema: DatasetSchema, indices: Sequence[int]) -> list[Prepared]:
+    return list(prepare_blocks(source, schema, indices))
+
+
+def _parallel_blocks(source: _Source, schema: DatasetSchema, order: Sequence[int],
+                     workers: int) -> Iterator[Prepared]:
+    """``prepare_blocks`` over ``order`` by ``workers`` processes, in order, with at most two
+    chunks per worker waiting, so memory stays bounded whatever the split's size."""
+    size = max(256, min(8192, -(-len(order) // (4 * workers))))
+    chunks = iter([order[i:i + size] for i in range(0, len(order), size)])
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pending = deque(pool.apply_async(_prepare_chunk, (source, schema, c))
+                        for c in itertools.islice(chunks, 2 * workers))
+        while pending:
+            done = pending.popleft().get()
+            following = next(chunks, None)
+            if following is not None:
+                pending.append(pool.apply_async(_prepare_chunk, (source, schema, following)))
+            yield from done
+
+
+def stage_split(source: _Source, out: Path, *, shuffle: bool = True, seed: int = 0,
+                max_samples: int | None = DEFAULT_MAX_SAMPLES, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                workers: int = 1) -> ShardWriter:
+    """Write one split into staging under ``out/<split>/`` (keeping the sound shards of an
+    interrupted run of the same conversion); publish it later."""
+    fmt = get_format(source.format_name, source.options)
+    schema = fmt.read_schema(source.src, source.split)
+    order = sample_order(fmt.count_samples(source.src, source.split), shuffle=shuffle, seed=seed)
+    key = resume_key(schema, order, staging_source(source), (max_samples, max_bytes))
+    writer = ShardWriter(out / source.split, schema, max_samples=max_samples, max_bytes=max_bytes,
+                         publish_on_exit=False, resume_key=key)
+    with writer, tqdm(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample",
                       disable=None, leave=False) as bar:
-        for block in fmt.iter_blocks(src, split, order):
-            check_block(schema, block, f"{src} ({split})")
-            images = Rows(block.images) if isinstance(block.images, np.ndarray) else block.images
-            labels = Rows(*encoder.encode(block.labels, block.extra))
-            writer.write_block(sample_keys(block.indices), [(ext, images), ("labels.msgpack", labels)],
-                               label_columns(schema, block.labels))
-            bar.update(len(block))
+        remaining = order[writer.resumed_samples:]
+        bar.update(len(order) - len(remaining))
+        blocks = (_parallel_blocks(source, schema, remaining, workers) if workers > 1
+                  else prepare_blocks(source, schema, remaining))
+        for keys, members, columns, count in blocks:
+            writer.write_block(keys, members, columns)
+            bar.update(count)
     return writer
+
+
+def staging_source(source: _Source) -> str:
+    """The source as a resume key sees it: format, options and every file's size and time."""
+    return f"{source.format_name}\0{sorted((source.options or {}).items())}\0{source_fingerprint(source.src)}"
 
 
 def convert(format_name: str, src: str | Path, out: str | Path, *,
             splits: Sequence[str] | None = None, shuffle: bool = True, seed: int = 0,
             max_samples: int | None = DEFAULT_MAX_SAMPLES,
             max_bytes: int | None = DEFAULT_MAX_BYTES,
-            options: Mapping[str, Any] | None = None) -> dict[str, Manifest]:
+            options: Mapping[str, Any] | None = None, workers: int = 1) -> dict[str, Manifest]:
     """Convert every split (or the named ones) of a source dataset into shards under ``out``.
-    ``options`` configure the source format (see :class:`SourceFormat`; most take none).
+    ``options`` configure the source format (see :class:`SourceFormat`; most take none);
+    ``workers`` processes read, check and encode samples, and the shards come out the same
+    whatever their number.
 
     All splits are staged first and published together: a run that fails on any split
-    publishes nothing and leaves earlier output as it was."""
+    publishes nothing and leaves earlier output as it was. A run that is interrupted
+    (Ctrl-C, a killed process) leaves its finished shards staged, and running the same
+    conversion again keeps those that are sound and writes only the rest."""
+    if workers < 1:
+        raise ConversionError(f"workers: expected >= 1, found {workers}")
     fmt, src, out = get_format(format_name, options), Path(src), Path(out)
     wanted = tuple(splits) if splits else fmt.splits(src)
     for split in wanted:
@@ -116,9 +179,10 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     staged: list[ShardWriter] = []
     try:
         for split in wanted:
-            staged.append(stage_split(fmt, src, split, out, shuffle=shuffle, seed=seed,
-                                      max_samples=max_samples, max_bytes=max_bytes))
-    except BaseException:
+            source = _Source(format_name, dict(options) if options else None, src, split)
+            staged.append(stage_split(source, out, shuffle=shuffle, seed=seed, max_samples=max_samples,
+                                      max_bytes=max_bytes, workers=workers))
+    except Exception:
         for writer in staged:
             writer.abort()
         raise

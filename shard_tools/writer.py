@@ -31,6 +31,7 @@ from pipeline.header import HEADER_MEMBER, header_bytes
 from pipeline.label_columns import LABELS_MEMBER, Columns, encode_label_columns
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
+from shard_tools import staging
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike[str], schema: DatasetSchema, *,
                  max_samples: int | None = DEFAULT_MAX_SAMPLES,
-                 max_bytes: int | None = DEFAULT_MAX_BYTES, publish_on_exit: bool = True) -> None:
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, publish_on_exit: bool = True,
+                 resume_key: str | None = None) -> None:
         if max_samples is not None and max_samples < 1:
             raise ConversionError(f"max_samples: expected >= 1, found {max_samples}")
         if max_bytes is not None and max_bytes < 1:
@@ -248,6 +250,7 @@ class ShardWriter:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.publish_on_exit = publish_on_exit
+        self.resume_key = resume_key  # keep sound shards of an interrupted run with this key
         self._header = tar_member(HEADER_MEMBER, header_bytes(schema))
         self._staging = self.out_dir / STAGING_DIR
         self._shards: list[ShardInfo] = []
@@ -257,15 +260,26 @@ class ShardWriter:
         self.manifest: Manifest | None = None
 
     def __enter__(self) -> ShardWriter:
-        if self._staging.exists():
-            shutil.rmtree(self._staging)
-        self._staging.mkdir(parents=True)
+        if self.resume_key is not None and self._staging.is_dir():
+            self._shards = staging.resume(self._staging, self.resume_key)
+        else:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging.mkdir(parents=True)
         return self
+
+    @property
+    def resumed_samples(self) -> int:
+        """Samples in the shards kept from an interrupted run (written before this one)."""
+        return sum(s.samples for s in self._shards)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
-            self.abort()
+            if issubclass(exc_type, Exception) or self.resume_key is None:
+                self.abort()
+            elif self._file is not None:  # interrupted: keep finished shards for a resume
+                self._file.discard()
+                self._file = None
             return
         self._finish()
         if self.publish_on_exit:
@@ -353,6 +367,8 @@ class ShardWriter:
         os.replace(shard.path, final)
         self._shards.append(ShardInfo(final.name, self._count, shard.size, sha))
         self._file = None
+        if self.resume_key is not None:
+            staging.record(self._staging, self.resume_key, self._shards)
 
     def _finish(self) -> None:
         if self._file is not None:

@@ -1,0 +1,86 @@
+"""Resumable staging: which shards of an interrupted conversion are sound and can be kept.
+
+While a split is written, ``OUT/<split>/.staging/progress.json`` records every finished
+shard (name, samples, bytes, sha256) under a key that fingerprints everything the shards
+depend on: the schema, the sample order, the shard limits, and the source files' sizes and
+modification times. A re-run with the same key keeps the longest prefix of recorded shards
+whose files still hash to what was recorded, and writes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.manifest import ShardInfo
+from pipeline.schema import DatasetSchema
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+
+
+def source_fingerprint(src: Path) -> str:
+    """Hash of every source file's relative path, size and modification time."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(src)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def resume_key(schema: DatasetSchema, order: Sequence[int], source: str, limits: tuple[int | None, int | None]) -> str:
+    """What a set of staged shards depends on, as one hash."""
+    digest = hashlib.sha256(schema.to_json().encode())
+    digest.update(np.asarray(order, dtype=np.int64).tobytes())
+    digest.update(f"{source}\0{limits}".encode())
+    return digest.hexdigest()
+
+
+def record(staging: Path, key: str, shards: Sequence[ShardInfo]) -> None:
+    """Write the progress record (atomically) after a shard is finished."""
+    data = {"key": key, "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+                                   for s in shards]}
+    tmp = staging / f".{PROGRESS}.tmp"
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, staging / PROGRESS)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resume(staging: Path, key: str) -> list[ShardInfo]:
+    """The sound prefix of an interrupted run's shards; everything else in ``staging`` is
+    removed. Empty when there is no record, or it was made for other input or settings."""
+    try:
+        data = json.loads((staging / PROGRESS).read_text())
+    except (OSError, ValueError):
+        data = {}
+    kept: list[ShardInfo] = []
+    if data.get("key") == key:
+        for entry in data.get("shards", []):
+            info = ShardInfo(**entry)
+            path = staging / info.name
+            if not path.is_file() or path.stat().st_size != info.bytes or _sha256(path) != info.sha256:
+                log.warning("%s: not as recorded; it and the shards after it are written again", path)
+                break
+            kept.append(info)
+    names = {s.name for s in kept}
+    for path in staging.iterdir():
+        if path.name not in names and path.name != PROGRESS:
+            path.unlink()
+    if kept:
+        log.info("%s: resuming after %d sound shard(s), %d samples", staging.parent, len(kept),
+                 sum(s.samples for s in kept))
+    return kept

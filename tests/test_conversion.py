@@ -1,0 +1,109 @@
+"""Conversion with several worker processes, and resuming an interrupted conversion."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConversionError
+from shard_tools.cli import main
+from shard_tools.convert import convert
+from shard_tools.synthetic_imagenet import generate_imagenet100
+from shard_tools.writer import ShardWriter
+
+
+def digests(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def source(vimh_source) -> Path:
+    """900 + 100 samples of 32x32x3: blocks of about 340 samples, shards of 128."""
+    return vimh_source("vimh-32x32x3_c", n_train=900, n_test=100)
+
+
+def test_worker_count_does_not_change_the_shards(tmp_path: Path, source: Path) -> None:
+    one = convert("vimh", source, tmp_path / "one", max_samples=128)
+    two = convert("vimh", source, tmp_path / "two", max_samples=128, workers=2)
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")
+    assert len(one["train"].shards) == len(two["train"].shards) == 8
+
+
+def test_worker_count_does_not_change_jpeg_shards(tmp_path: Path) -> None:
+    src = generate_imagenet100(tmp_path / "src", n_train=1, n_val=1)
+    assert main(["convert", "imagenet100", str(src), str(tmp_path / "one"), "--max-samples", "30"]) == 0
+    assert main(["convert", "imagenet100", str(src), str(tmp_path / "two"), "--max-samples", "30",
+                 "--workers", "2"]) == 0
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")
+
+
+def _interrupt_after(monkeypatch, blocks: int) -> None:
+    real = ShardWriter.write_block
+    calls = {"n": 0}
+
+    def write_block(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > blocks:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "write_block", write_block)
+
+
+def _interrupted(tmp_path: Path, source: Path, monkeypatch, **kwargs) -> Path:
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 2)  # two blocks of train written: 5 shards finished, 1 open
+        with pytest.raises(KeyboardInterrupt):
+            convert("vimh", source, out, max_samples=128, **kwargs)
+    published = [p for p in out.rglob("*") if p.is_file() and ".staging" not in p.parts]
+    assert published == []  # nothing published; finished shards wait in .staging
+    return out
+
+
+def test_resume_writes_only_the_missing_shards(tmp_path: Path, source: Path, monkeypatch) -> None:
+    clean = digests(convert("vimh", source, tmp_path / "clean", max_samples=128) and tmp_path / "clean")
+    out = _interrupted(tmp_path, source, monkeypatch)
+    staged = sorted((out / "train" / ".staging").glob("*.tar"))
+    assert staged, "the interrupted run finished some shards"
+    stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in staged}
+    convert("vimh", source, out, max_samples=128)
+    assert digests(out) == clean
+    after = {name: ((out / "train" / name).stat().st_ino, (out / "train" / name).stat().st_mtime_ns)
+             for name in stamps}
+    assert after == stamps  # the same files, moved into place, not written again
+    assert not (out / "train" / ".staging").exists()
+
+
+def test_unsound_staged_shard_is_written_again(tmp_path: Path, source: Path, monkeypatch, caplog) -> None:
+    clean = digests(convert("vimh", source, tmp_path / "clean", max_samples=128) and tmp_path / "clean")
+    out = _interrupted(tmp_path, source, monkeypatch)
+    first = out / "train" / ".staging" / "train-000000.tar"
+    data = bytearray(first.read_bytes())
+    data[2000] ^= 0xFF
+    first.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        convert("vimh", source, out, max_samples=128)
+    assert digests(out) == clean
+    assert "train-000000.tar: not as recorded" in caplog.text
+
+
+def test_other_settings_or_changed_source_start_over(tmp_path: Path, source: Path, monkeypatch) -> None:
+    out = _interrupted(tmp_path, source, monkeypatch)
+    convert("vimh", source, out, max_samples=128, seed=1)
+    assert digests(out) == digests(convert("vimh", source, tmp_path / "seed1", max_samples=128, seed=1)
+                                   and tmp_path / "seed1")
+    out2 = _interrupted(tmp_path / "again", source, monkeypatch)
+    (source / "vimh_dataset_info.json").touch()  # a newer source: staged shards are not reused
+    staged = {p.name: p.stat().st_mtime_ns for p in (out2 / "train" / ".staging").glob("*.tar")}
+    convert("vimh", source, out2, max_samples=128)
+    assert staged and all((out2 / "train" / n).stat().st_mtime_ns != t for n, t in staged.items())
+
+
+def test_bad_worker_count(tmp_path: Path, source: Path) -> None:
+    with pytest.raises(ConversionError, match=r"workers: expected >= 1, found 0"):
+        convert("vimh", source, tmp_path / "out", workers=0)

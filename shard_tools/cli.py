@@ -37,9 +37,20 @@ def _convert(args: argparse.Namespace) -> int:
     manifests = convert(args.format, args.src, args.out, splits=args.split or None,
                         shuffle=not args.no_shuffle, seed=args.seed,
                         max_samples=args.max_samples or None, max_bytes=args.max_bytes or None,
-                        options={k: v for k, v in given.items() if v is not None}, workers=args.workers)
+                        options={k: v for k, v in given.items() if v is not None}, workers=args.workers,
+                        num_nodes=args.num_nodes, node_rank=args.node_rank)
     for split, m in manifests.items():
         print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {Path(args.out) / split}")
+    if args.num_nodes > 1:
+        print(f"node {args.node_rank} of {args.num_nodes} done; when every node is, run: shards manifest {args.out}")
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from shard_tools.nodes import merge_manifests
+
+    for split, m in merge_manifests(args.out).items():
+        print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards, manifest written")
     return 0
 
 
@@ -126,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true", help="keep source order")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that read and encode samples (the shards are the same for any number)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the conversion (see docs/conversion.md)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0..num-nodes-1")
     p.add_argument("--class-list", metavar="cmc|hjepa|FILE",
                    help="imagenet100 only: the class list (default cmc; FILE: one wnid per line, optional name)")
     p.add_argument("--resize", type=int, metavar="N", help="imagenet100 only: re-encode with shorter side N")
@@ -135,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="imagenet100 only: non-RGB or non-JPEG files (default convert; unreadable ones are "
                         "skipped unless error)")
     p.set_defaults(run=_convert)
+
+    p = sub.add_parser("manifest", help="merge the node manifests of a multi-node conversion")
+    p.add_argument("out", help="the conversion's output directory")
+    p.set_defaults(run=_manifest)
 
     p = sub.add_parser("validate", help="check shards and report every problem")
     p.add_argument("source", nargs="+", help="shard directory, manifest, shard URLs or brace pattern")

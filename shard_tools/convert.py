@@ -86,7 +86,7 @@ Prepared = tuple[list[str], list[tuple[str, Member]], Columns, int]
 
 
 @dataclass(frozen=True)
-class _Source:
+class Source:
     """What a worker process needs to read a split (picklable)."""
 
     format_name: str
@@ -95,7 +95,7 @@ class _Source:
     split: str
 
 
-def prepare_blocks(source: _Source, schema: DatasetSchema, indices: Sequence[int]) -> Iterator[Prepared]:
+def prepare_blocks(source: Source, schema: DatasetSchema, indices: Sequence[int]) -> Iterator[Prepared]:
     """The samples at ``indices``, checked and turned into tar members and label columns."""
     fmt = get_format(source.format_name, source.options)
     encoder, ext = LabelEncoder(schema), schema.image.encoding
@@ -107,11 +107,11 @@ def prepare_blocks(source: _Source, schema: DatasetSchema, indices: Sequence[int
                label_columns(schema, block.labels), len(block))
 
 
-def _prepare_chunk(source: _Source, schema: DatasetSchema, indices: Sequence[int]) -> list[Prepared]:
+def _prepare_chunk(source: Source, schema: DatasetSchema, indices: Sequence[int]) -> list[Prepared]:
     return list(prepare_blocks(source, schema, indices))
 
 
-def _parallel_blocks(source: _Source, schema: DatasetSchema, order: Sequence[int],
+def _parallel_blocks(source: Source, schema: DatasetSchema, order: Sequence[int],
                      workers: int) -> Iterator[Prepared]:
     """``prepare_blocks`` over ``order`` by ``workers`` processes, in order, with at most two
     chunks per worker waiting, so memory stays bounded whatever the split's size."""
@@ -128,7 +128,7 @@ def _parallel_blocks(source: _Source, schema: DatasetSchema, order: Sequence[int
             yield from done
 
 
-def stage_split(source: _Source, out: Path, *, shuffle: bool = True, seed: int = 0,
+def stage_split(source: Source, out: Path, *, shuffle: bool = True, seed: int = 0,
                 max_samples: int | None = DEFAULT_MAX_SAMPLES, max_bytes: int | None = DEFAULT_MAX_BYTES,
                 workers: int = 1) -> ShardWriter:
     """Write one split into staging under ``out/<split>/`` (keeping the sound shards of an
@@ -151,7 +151,7 @@ def stage_split(source: _Source, out: Path, *, shuffle: bool = True, seed: int =
     return writer
 
 
-def staging_source(source: _Source) -> str:
+def staging_source(source: Source) -> str:
     """The source as a resume key sees it: format, options and every file's size and time."""
     return f"{source.format_name}\0{sorted((source.options or {}).items())}\0{source_fingerprint(source.src)}"
 
@@ -160,7 +160,8 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
             splits: Sequence[str] | None = None, shuffle: bool = True, seed: int = 0,
             max_samples: int | None = DEFAULT_MAX_SAMPLES,
             max_bytes: int | None = DEFAULT_MAX_BYTES,
-            options: Mapping[str, Any] | None = None, workers: int = 1) -> dict[str, Manifest]:
+            options: Mapping[str, Any] | None = None, workers: int = 1, num_nodes: int = 1,
+            node_rank: int = 0) -> dict[str, Manifest]:
     """Convert every split (or the named ones) of a source dataset into shards under ``out``.
     ``options`` configure the source format (see :class:`SourceFormat`; most take none);
     ``workers`` processes read, check and encode samples, and the shards come out the same
@@ -169,17 +170,28 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     All splits are staged first and published together: a run that fails on any split
     publishes nothing and leaves earlier output as it was. A run that is interrupted
     (Ctrl-C, a killed process) leaves its finished shards staged, and running the same
-    conversion again keeps those that are sound and writes only the rest."""
+    conversion again keeps those that are sound and writes only the rest.
+
+    With ``num_nodes`` > 1 this process writes only node ``node_rank``'s share of the
+    shards and a node manifest (see :mod:`shard_tools.nodes`); it returns no manifests."""
     if workers < 1:
         raise ConversionError(f"workers: expected >= 1, found {workers}")
     fmt, src, out = get_format(format_name, options), Path(src), Path(out)
     wanted = tuple(splits) if splits else fmt.splits(src)
     for split in wanted:
         fmt.read_schema(src, split)  # fail on inconsistent input before writing anything
+    if num_nodes > 1:
+        from shard_tools.nodes import check_node_settings, convert_share
+
+        samples = check_node_settings(num_nodes, node_rank, max_samples, max_bytes)
+        for split in wanted:
+            convert_share(Source(format_name, dict(options) if options else None, src, split), out,
+                          num_nodes=num_nodes, node_rank=node_rank, max_samples=samples, shuffle=shuffle, seed=seed)
+        return {}
     staged: list[ShardWriter] = []
     try:
         for split in wanted:
-            source = _Source(format_name, dict(options) if options else None, src, split)
+            source = Source(format_name, dict(options) if options else None, src, split)
             staged.append(stage_split(source, out, shuffle=shuffle, seed=seed, max_samples=max_samples,
                                       max_bytes=max_bytes, workers=workers))
     except Exception:

@@ -240,7 +240,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike[str], schema: DatasetSchema, *,
                  max_samples: int | None = DEFAULT_MAX_SAMPLES,
                  max_bytes: int | None = DEFAULT_MAX_BYTES, publish_on_exit: bool = True,
-                 resume_key: str | None = None) -> None:
+                 resume_key: str | None = None, first_index: int = 0, staging_dir: str = STAGING_DIR) -> None:
         if max_samples is not None and max_samples < 1:
             raise ConversionError(f"max_samples: expected >= 1, found {max_samples}")
         if max_bytes is not None and max_bytes < 1:
@@ -252,7 +252,8 @@ class ShardWriter:
         self.publish_on_exit = publish_on_exit
         self.resume_key = resume_key  # keep sound shards of an interrupted run with this key
         self._header = tar_member(HEADER_MEMBER, header_bytes(schema))
-        self._staging = self.out_dir / STAGING_DIR
+        self._staging = self.out_dir / staging_dir
+        self.first_index = first_index  # number of the first shard (a node writes shards i, i+N, ...)
         self._shards: list[ShardInfo] = []
         self._file: _HashingFile | None = None
         self._count = 0
@@ -349,7 +350,7 @@ class ShardWriter:
         return 4 * (len(self.schema.heads) + sum(h.kind == "quantized" for h in self.schema.heads))
 
     def _start_shard(self) -> _HashingFile:
-        name = self._shard_name(len(self._shards))
+        name = self._shard_name(self.first_index + len(self._shards))
         self._file = _HashingFile(self._staging / f"{name}.partial")
         self._file.write(self._header)
         self._count = 0
@@ -398,6 +399,14 @@ class ShardWriter:
                  len(manifest.shards), self.out_dir)
         self.manifest = manifest
         return manifest
+
+    def move_shards(self) -> list[ShardInfo]:
+        """Move the staged shards into place without touching any other file or writing a
+        manifest (a node's share; ``shards manifest`` writes the split's manifest)."""
+        for shard in self._shards:
+            os.replace(self._staging / shard.name, self.out_dir / shard.name)
+        shutil.rmtree(self._staging)
+        return list(self._shards)
 
     def abort(self) -> None:
         """Drop everything staged; earlier output in ``out_dir`` stays as it was."""

@@ -1,0 +1,116 @@
+"""Conversion across machines: each node writes its share of a split's shards, by index;
+``shards manifest OUT`` then merges the nodes' manifests and checks nothing is missing.
+
+Every node plans the same shards without reading the others' samples: shard ``i`` holds
+samples ``order[i*S:(i+1)*S]`` of the seeded order (``S`` = ``max_samples``), and node
+``R`` of ``N`` writes the shards with ``i % N == R``. That plan is the one a single
+process makes when only ``max_samples`` limits shards, so the merged shard set is
+byte-identical to a one-machine conversion with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.errors import ConversionError
+from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from pipeline.schema import DatasetSchema
+from shard_tools.convert import Source, prepare_blocks, sample_order
+from shard_tools.converters import get_format
+from shard_tools.writer import ShardWriter
+
+NODE_MANIFEST = "manifest.node-{rank}-of-{nodes}.json"
+
+
+def node_shards(count: int, max_samples: int, num_nodes: int, node_rank: int) -> list[int]:
+    """The shard numbers node ``node_rank`` of ``num_nodes`` writes, of ``count`` samples."""
+    return [i for i in range(-(-count // max_samples)) if i % num_nodes == node_rank]
+
+
+def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, max_samples: int,
+                  shuffle: bool, seed: int) -> list[ShardInfo]:
+    """Write this node's shards of one split into ``out/<split>/`` and its node manifest."""
+    fmt = get_format(source.format_name, source.options)
+    schema = fmt.read_schema(source.src, source.split)
+    order = sample_order(fmt.count_samples(source.src, source.split), shuffle=shuffle, seed=seed)
+    written = []
+    for i in node_shards(len(order), max_samples, num_nodes, node_rank):
+        writer = ShardWriter(out / source.split, schema, max_samples=max_samples, max_bytes=None,
+                             publish_on_exit=False, first_index=i, staging_dir=f".staging-node-{node_rank}")
+        with writer:
+            samples = order[i * max_samples:(i + 1) * max_samples]
+            for keys, members, columns, _ in prepare_blocks(source, schema, samples):
+                writer.write_block(keys, members, columns)
+        written += writer.move_shards()
+    planned = -(-len(order) // max_samples)
+    (out / source.split).mkdir(parents=True, exist_ok=True)
+    node = {"schema": schema.to_dict(), "num_nodes": num_nodes, "node_rank": node_rank,
+            "planned_shards": planned, "shards": [vars(s) for s in written]}
+    _write_text(out / source.split / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
+                json.dumps(node, sort_keys=True, indent=2) + "\n")
+    return written
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary name, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def merge_manifests(out: str | Path) -> dict[str, Manifest]:
+    """For every split under ``out`` with node manifests: check that all nodes agree and that
+    every planned shard is there with its recorded size; only if every split is complete,
+    write each ``manifest.json`` and remove the node manifests. Every incomplete split is
+    named in one error."""
+    out = Path(out)
+    splits = sorted({p.parent for p in out.glob("*/manifest.node-*-of-*.json")})
+    if not splits:
+        raise ConversionError(f"{out}: no node manifests (manifest.node-R-of-N.json) in any split directory")
+    merged, problems = {}, []
+    for split_dir in splits:
+        try:
+            merged[split_dir] = _merged_split(split_dir)
+        except ConversionError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConversionError("; ".join(problems))
+    for split_dir, manifest in merged.items():
+        _write_text(split_dir / MANIFEST_NAME, manifest.to_json())
+        for path in split_dir.glob("manifest.node-*-of-*.json"):
+            path.unlink()
+    return {split_dir.name: manifest for split_dir, manifest in merged.items()}
+
+
+def _merged_split(split_dir: Path) -> Manifest:
+    paths = sorted(split_dir.glob("manifest.node-*-of-*.json"))
+    nodes = [json.loads(p.read_text()) for p in paths]
+    first = nodes[0]
+    for path, node in zip(paths, nodes, strict=True):
+        for key in ("schema", "num_nodes", "planned_shards"):
+            if node[key] != first[key]:
+                raise ConversionError(f"{path}: {key} differs from {paths[0].name}'s; the nodes ran different "
+                                      "conversions")
+    missing_nodes = sorted(set(range(first["num_nodes"])) - {n["node_rank"] for n in nodes})
+    shards = {s["name"]: ShardInfo(**s) for n in nodes for s in n["shards"]}
+    schema = DatasetSchema.from_dict(first["schema"])
+    expected = [f"{schema.split}-{i:06d}.tar" for i in range(first["planned_shards"])]
+    absent = [name for name in expected if name not in shards or not (split_dir / name).is_file()
+              or (split_dir / name).stat().st_size != shards[name].bytes]
+    if absent or missing_nodes:
+        raise ConversionError(f"{split_dir}: incomplete: {len(absent)} of {len(expected)} shards missing or not as "
+                              f"recorded {absent[:10]}; node manifests missing for node ranks {missing_nodes}")
+    return Manifest(schema=schema, shards=tuple(shards[name] for name in expected))
+
+
+def check_node_settings(num_nodes: int, node_rank: int, max_samples: int | None, max_bytes: int | None) -> int:
+    """``max_samples`` when the node settings allow a plan every node can make alone."""
+    if not 0 <= node_rank < num_nodes:
+        raise ConversionError(f"node_rank: expected 0..{num_nodes - 1}, found {node_rank}")
+    if max_bytes is not None or max_samples is None:
+        raise ConversionError("num_nodes > 1 plans shards by sample count so that every node knows every shard: "
+                              f"set max_samples and turn max_bytes off (--max-bytes 0); found max_samples="
+                              f"{max_samples}, max_bytes={max_bytes}")
+    return max_samples

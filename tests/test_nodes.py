@@ -1,0 +1,60 @@
+"""Conversion across nodes: shares by shard index, then one merged manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConversionError
+from shard_tools.cli import main
+from shard_tools.convert import convert
+from shard_tools.nodes import merge_manifests
+from shard_tools.validate import validate
+from tests.test_conversion import digests
+
+
+@pytest.fixture
+def source(vimh_source) -> Path:
+    return vimh_source(n_train=300, n_test=70)
+
+
+def test_nodes_then_merge_equals_one_machine(tmp_path: Path, source: Path) -> None:
+    single = tmp_path / "single"
+    convert("vimh", source, single, max_samples=40, max_bytes=None)
+    nodes = tmp_path / "nodes"
+    for rank in (2, 0, 1):  # in any order, as a scheduler may run them
+        assert convert("vimh", source, nodes, max_samples=40, max_bytes=None, num_nodes=3, node_rank=rank) == {}
+    assert not (nodes / "train" / "manifest.json").exists()
+    merged = merge_manifests(nodes)
+    assert merged["train"].num_samples == 300 and len(merged["train"].shards) == 8
+    assert digests(nodes) == digests(single)
+    assert validate(str(nodes), progress=False).ok
+
+
+def test_cli_nodes_and_manifest(tmp_path: Path, source: Path, capsys) -> None:
+    for rank in (0, 1):
+        assert main(["convert", "vimh", str(source), str(tmp_path / "o"), "--max-samples", "50", "--max-bytes", "0",
+                     "--num-nodes", "2", "--node-rank", str(rank)]) == 0
+    assert "when every node is, run: shards manifest" in capsys.readouterr().out
+    assert main(["manifest", str(tmp_path / "o")]) == 0
+    assert "train: 300 samples in 6 shards, manifest written" in capsys.readouterr().out
+
+
+def test_merge_names_what_is_missing(tmp_path: Path, source: Path) -> None:
+    convert("vimh", source, tmp_path / "o", max_samples=40, max_bytes=None, num_nodes=3, node_rank=0)
+    convert("vimh", source, tmp_path / "o", max_samples=40, max_bytes=None, num_nodes=3, node_rank=2)
+    with pytest.raises(ConversionError, match=r"train: incomplete: 3 of 8 shards missing or not as recorded "
+                                              r"\['train-000001.tar', 'train-000004.tar', 'train-000007.tar'\]; "
+                                              r"node manifests missing for node ranks \[1\]"):
+        merge_manifests(tmp_path / "o")
+    assert not (tmp_path / "o" / "train" / "manifest.json").exists()
+
+
+def test_node_settings_are_checked(tmp_path: Path, source: Path) -> None:
+    with pytest.raises(ConversionError, match=r"node_rank: expected 0..1, found 2"):
+        convert("vimh", source, tmp_path / "o", max_samples=40, max_bytes=None, num_nodes=2, node_rank=2)
+    with pytest.raises(ConversionError, match=r"plans shards by sample count .* found max_samples=40, max_bytes=100"):
+        convert("vimh", source, tmp_path / "o", max_samples=40, max_bytes=100, num_nodes=2, node_rank=0)
+    with pytest.raises(ConversionError, match=r"no node manifests"):
+        merge_manifests(tmp_path)

@@ -73,3 +73,41 @@ def test_bad_credentials_are_named(bucket, s3_endpoint: str, s3_options: dict) -
             make_loader(url, batch_size=8, num_workers=0, storage_options=bad)
     finally:
         requests.post(f"{s3_endpoint}/moto-api/reset-auth", data=b"1e30", timeout=10)
+
+
+def test_conversion_straight_to_s3(tmp_path: Path, vimh_source, s3_options: dict) -> None:
+    name = f"out{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
+    src = vimh_source()
+    manifests = convert("vimh", src, f"s3://{name}/vimh", max_samples=16, storage_options=s3_options)
+    local = convert("vimh", src, tmp_path / "local", max_samples=16)
+    fs = s3fs.S3FileSystem(**s3_options)
+    assert set(manifests) == set(local) == {"train", "test"}
+    for split, manifest in local.items():
+        here = tmp_path / "local" / split
+        assert fs.cat(f"{name}/vimh/{split}/manifest.json") == (here / "manifest.json").read_bytes()
+        for shard in manifest.shards:
+            assert fs.cat(f"{name}/vimh/{split}/{shard.name}") == (here / shard.name).read_bytes()
+    assert not fs.glob(f"{name}/vimh/*/.staging/*")
+    report = validate(f"s3://{name}/vimh", progress=False, storage_options=s3_options)
+    assert report.ok and report.splits == {"train": 40, "test": 12}
+
+
+def test_failed_upload_leaves_no_manifest(tmp_path: Path, vimh_source, s3_options: dict, monkeypatch) -> None:
+    from pipeline.errors import ConversionError
+
+    name = f"out{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
+
+    async def broken_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_copy", broken_copy)
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(ConversionError, match=r"/train: upload failed \(connection reset by peer\); no manifest"):
+        convert("vimh", vimh_source(), f"s3://{name}/vimh", max_samples=16, storage_options=s3_options)
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.invalidate_cache()
+    assert not fs.glob(f"{name}/vimh/*/manifest.json") and not fs.glob(f"{name}/vimh/*/*.tar")

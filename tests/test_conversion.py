@@ -107,3 +107,31 @@ def test_other_settings_or_changed_source_start_over(tmp_path: Path, source: Pat
 def test_bad_worker_count(tmp_path: Path, source: Path) -> None:
     with pytest.raises(ConversionError, match=r"workers: expected >= 1, found 0"):
         convert("vimh", source, tmp_path / "out", workers=0)
+
+
+def test_killed_conversion_resumes(tmp_path: Path, vimh_source) -> None:
+    """A real SIGKILL in the middle of a split, then the same command again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = vimh_source("vimh-32x32x3_k", n_train=20000, n_test=16)
+    clean = tmp_path / "clean"
+    convert("vimh", src, clean, max_samples=500)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "shard_tools.cli", "convert", "vimh", str(src), str(out), "--max-samples", "500"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "train" / ".staging" / "progress.json"
+    deadline = time.monotonic() + 60
+    while not progress.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if not progress.exists():
+        pytest.skip("the conversion finished before it could be killed")
+    assert not (out / "train" / "manifest.json").exists()
+    kept = len(list((out / "train" / ".staging").glob("train-*.tar")))
+    assert subprocess.run(command, capture_output=True, check=False).returncode == 0
+    assert digests(out) == digests(clean)
+    assert kept >= 1

@@ -1,15 +1,19 @@
 """ImageNet-100 converter: JPEGs byte-identical in pass-through, labels = class list position,
-the three class lists, resize, missing classes, and each bad file kind under each on_bad."""
+the three class lists, resize, missing classes, each bad file kind under each on_bad, and the
+fast header check against Pillow's."""
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.errors import ConversionError
@@ -17,7 +21,18 @@ from pipeline.labels import decode_labels
 from pipeline.readers import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
-from shard_tools.converters.imagenet100 import builtin_class_list
+from shard_tools.converters.imagenet100 import (
+    NOT_RGB,
+    OK,
+    UNREADABLE,
+    Probe,
+    builtin_class_list,
+    configure,
+    probe,
+    probe_bytes,
+    probe_file,
+)
+from shard_tools.converters.jpeg_header import jpeg_header
 from shard_tools.synthetic_imagenet import generate_imagenet100, read_class
 from shard_tools.validate import validate
 from tests.conftest import no_output
@@ -235,3 +250,117 @@ def test_make_shards_imagenet100_from_a_generated_source(tmp_path: Path) -> None
     assert (tmp_path / "sources/imagenet100_demo/.generated").exists()
     assert validate(str(tmp_path / "shards/imagenet100"), decode=False, progress=False).splits == {
         "train": 300, "val": 100}
+
+
+# The fast header check (shard_tools.converters.jpeg_header) against Pillow's: same kind,
+# detail and size on every file, whether the fast walk decides or leaves it to Pillow.
+
+def _pillow(data: bytes) -> Probe:
+    return probe(io.BytesIO(data))
+
+
+def _same(found: Probe, expected: Probe) -> None:
+    def norm(p: Probe) -> tuple[str, str, tuple[int, int]]:
+        return p.kind, re.sub(r"0x[0-9a-fA-F]+|'[^']*'", "X", p.detail), p.size  # BytesIO address, file name
+    assert norm(found) == norm(expected)
+
+
+def _encoded(mode: str, fmt: str, size: tuple[int, int] = (37, 23), **save: object) -> bytes:
+    rng = np.random.default_rng(sum(map(ord, mode + fmt)))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def _exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0128], exif[0x011A] = 2, 300.0  # resolution unit, x resolution
+    return exif
+
+
+def _ycck() -> bytes:
+    """A CMYK JPEG whose Adobe segment says YCCK (transform 2): still mode CMYK to Pillow."""
+    data = _encoded("CMYK", "JPEG")
+    at = data.index(b"Adobe") + 11
+    return data[:at] + b"\x02" + data[at + 1:]
+
+
+def _mpo() -> bytes:
+    out = io.BytesIO()
+    first = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    first.save(out, format="MPO", save_all=True, append_images=[first.copy()])
+    return out.getvalue()
+
+
+SAMPLES = {
+    **{f"jpeg-{mode}": (lambda mode=mode: _encoded(mode, "JPEG")) for mode in ("L", "RGB", "CMYK")},
+    "jpeg-ycck": _ycck,
+    "jpeg-progressive": lambda: _encoded("RGB", "JPEG", progressive=True),
+    "jpeg-restarts-subsampling": lambda: _encoded("RGB", "JPEG", (300, 17), restart_marker_blocks=1, subsampling=0),
+    "jpeg-exif-no-dpi": lambda: _encoded("RGB", "JPEG", exif=_exif()),
+    "jpeg-exif-dpi": lambda: _encoded("RGB", "JPEG", exif=_exif(), dpi=(72, 72)),
+    "jpeg-icc-comment": lambda: _encoded("RGB", "JPEG", icc_profile=b"\0" * 3000, comment=b"hello"),
+    "jpeg-long-header": lambda: _encoded("L", "JPEG", comment=b"c" * 40000),  # beyond HEAD_BYTES
+    "jpeg-quality-100": lambda: _encoded("RGB", "JPEG", quality=100, qtables="web_high"),
+    "mpo": _mpo,
+    **{f"png-{mode}": (lambda mode=mode: _encoded(mode, "PNG")) for mode in ("L", "RGB", "P", "LA", "RGBA", "I;16")},
+    "gif": lambda: _encoded("P", "GIF"),
+    "bmp": lambda: _encoded("RGB", "BMP"),
+    "webp": lambda: _encoded("RGB", "WEBP"),
+    "garbage": lambda: b"\xff\xd8\xff\xe0 this is not really a JPEG",
+    "soi-only": lambda: b"\xff\xd8\xff",
+    "empty": lambda: b"",
+    "text": lambda: b"not an image at all\n" * 10,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_fast_probe_matches_pillow(tmp_path: Path, name: str) -> None:
+    data = SAMPLES[name]()
+    expected = _pillow(data)
+    _same(probe_bytes(data), expected)
+    path = tmp_path / "x.JPEG"
+    path.write_bytes(data)
+    found, nbytes = probe_file(path)
+    _same(found, probe(path))
+    assert nbytes == (0 if found.kind == UNREADABLE else len(data))
+    if name.startswith("jpeg-"):  # these the fast walk decides itself, except EXIF Pillow parses for a DPI
+        assert (jpeg_header(data) is None) == (name == "jpeg-exif-no-dpi")
+        assert expected.kind == (OK if name.split("-")[1] not in ("L", "CMYK", "ycck", "long") else NOT_RGB)
+
+
+@pytest.mark.parametrize("name", ["jpeg-RGB", "jpeg-CMYK", "jpeg-exif-dpi", "jpeg-icc-comment", "mpo"])
+def test_fast_probe_matches_pillow_on_every_truncation(name: str) -> None:
+    """Every cut of the header (and some of the scan): Pillow may still open a JPEG cut
+    after its start of scan, or at a segment boundary; the fast check must agree."""
+    data = SAMPLES[name]()
+    end = data.index(b"\xff\xda") + 40
+    for cut in (*range(end), *range(end, len(data), 97)):
+        _same(probe_bytes(data[:cut]), _pillow(data[:cut]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(["jpeg-RGB", "jpeg-L", "jpeg-CMYK", "jpeg-exif-dpi", "jpeg-icc-comment",
+                             "jpeg-restarts-subsampling", "png-RGB"]),
+       edits=st.lists(st.tuples(st.integers(0, 700), st.integers(0, 255)), min_size=1, max_size=4),
+       insert=st.one_of(st.none(), st.tuples(st.integers(2, 700), st.binary(min_size=1, max_size=6))))
+def test_fast_probe_matches_pillow_on_damaged_headers(name: str, edits: list[tuple[int, int]],
+                                                      insert: tuple[int, bytes] | None) -> None:
+    data = bytearray(SAMPLES[name]())
+    for at, value in edits:
+        data[at % len(data)] = value
+    if insert is not None:
+        data[insert[0]:insert[0]] = insert[1]
+    _same(probe_bytes(bytes(data)), _pillow(bytes(data)))
+
+
+def test_file_changed_since_the_scan(tmp_path: Path) -> None:
+    src, class_file = make_source(tmp_path)
+    fmt = configure(class_list=str(class_file))
+    assert fmt.count_samples(src, "train") == 6
+    path = fmt.files(src, "train").paths[3]
+    _write_bad(path, "gray")  # the same name, so the cached scan still lists it as RGB
+    with pytest.raises(ConversionError, match=rf"{path.name}: sample 3: was 'ok' when the split was scanned, "
+                                              r"now 'not RGB' \(mode L\); did it change\?"):
+        list(fmt.iter_blocks(src, "train"))

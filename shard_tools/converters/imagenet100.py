@@ -3,9 +3,9 @@ and ``SRC/val/<wnid>/*.JPEG``. A class list (the CMC list by default, the H-JEPA
 file) picks the 100 classes; labels are positions in the list, in one class head ``label``.
 
 JPEGs pass through byte-for-byte unless ``resize`` is set. Every file is classified when a
-split is first scanned (Pillow reads its header only), so files that are not RGB JPEGs are
-converted, skipped or an error (``on_bad``) before anything is written, and counts and
-sample indices are fixed. Options come through :func:`configure`; the module-level
+split is first scanned (from its header only: :func:`probe`), so files that are not RGB
+JPEGs are converted, skipped or an error (``on_bad``) before anything is written, and
+counts and sample indices are fixed. Options come through :func:`configure`; the module-level
 functions are the format with default options.
 """
 
@@ -28,6 +28,7 @@ from pipeline.errors import ConversionError, SchemaError
 from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
 from shard_tools import __version__
 from shard_tools.converters import BLOCK_BYTES, SampleBlock, blocks_of
+from shard_tools.converters.jpeg_header import jpeg_header
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ DEFAULT_QUALITY = 90
 IMAGE = ImageSpec(height=None, width=None, channels=3, encoding="jpg", layout="HWC")
 OK, NOT_RGB, NOT_JPEG, UNREADABLE = "ok", "not RGB", "not a JPEG", "unreadable"
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+HEAD_BYTES = 16384  # what the scan reads of a file first; the rest only if its header is longer
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,8 @@ class Probe:
 
 
 def probe(file: Path | io.BytesIO) -> Probe:
-    """Classify an image without decoding its pixels."""
+    """Classify an image without decoding its pixels: what Pillow says of its header.
+    :func:`probe_bytes` and :func:`probe_file` give the same answers, faster."""
     try:
         with Image.open(file) as image:
             fmt, mode, size = image.format, image.mode, image.size
@@ -147,6 +150,40 @@ def probe(file: Path | io.BytesIO) -> Probe:
     if mode != "RGB":
         return Probe(NOT_RGB, f"mode {mode}", size)
     return Probe(OK, "", size)
+
+
+def _fast(data: bytes) -> Probe | None:
+    """:func:`probe`'s answer from the JPEG header in ``data``, or None: ask Pillow."""
+    header = jpeg_header(data)
+    if header is None:
+        return None
+    mode, size = header
+    return Probe(OK, "", size) if mode == "RGB" else Probe(NOT_RGB, f"mode {mode}", size)
+
+
+def probe_bytes(data: bytes) -> Probe:
+    """:func:`probe` of a whole file's bytes; Pillow opens only what the fast JPEG header
+    walk (:mod:`~shard_tools.converters.jpeg_header`) leaves undecided."""
+    found = _fast(data)
+    return probe(io.BytesIO(data)) if found is None else found
+
+
+def probe_file(path: Path) -> tuple[Probe, int]:
+    """:func:`probe` of a file and its size in bytes, reading only its first
+    :data:`HEAD_BYTES` when the JPEG header ends there."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(HEAD_BYTES)
+            found = _fast(data)
+            if found is None and len(data) == HEAD_BYTES:
+                data += f.read()
+                found = _fast(data)
+            if found is not None:
+                return found, os.fstat(f.fileno()).st_size
+    except OSError:
+        pass  # Pillow fails the same way and says why
+    found = probe(path)
+    return found, (0 if found.kind == UNREADABLE else path.stat().st_size)
 
 
 @dataclass(frozen=True)
@@ -189,11 +226,11 @@ def _scan(root: Path, classes: ClassList, on_bad: str, stamp: tuple[int, ...]) -
                        if e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in EXTENSIONS)
         for name in names:
             path = root / wnid / name
-            found = probe(path)
+            found, nbytes = probe_file(path)
             if found.kind != OK:
                 bad.append((path, found))
             if found.kind == OK or (on_bad == "convert" and found.kind != UNREADABLE):
-                kept.append((path, label, found.kind, path.stat().st_size))
+                kept.append((path, label, found.kind, nbytes))
     _report(root, on_bad, bad, len(kept))
     if not kept:
         raise ConversionError(f"{root}: no images: expected *.JPEG files under <wnid>/ directories")
@@ -294,7 +331,7 @@ class ImageNet100:
             data = path.read_bytes()
         except OSError as e:
             raise ConversionError(f"{path}: sample {index}: cannot read it ({e})") from e
-        found = probe(io.BytesIO(data))
+        found = probe_bytes(data)
         if found.kind != kind:
             raise ConversionError(f"{path}: sample {index}: was {kind!r} when the split was scanned, now "
                                   f"{found.kind!r} ({found.detail}); did it change? Convert again")

@@ -86,11 +86,16 @@ def cifar_workload(src: Path) -> Workload:
 
 # --- the writers: each takes the workload, an empty output dir and a process count ----------
 
+OURS_SHARD_SAMPLES = 1000
+
 def run_ours(w: Workload, out: Path, procs: int) -> None:
-    """The whole ``convert`` call, source cache invalidated first (rescan / unpickle)."""
+    """The whole ``convert`` call, source cache invalidated first (rescan / unpickle); shards
+    of 1,000 samples with no byte limit, so that with 2 processes each worker writes whole
+    shards (see docs/conversion.md)."""
     st = w.touch.stat()
     os.utime(w.touch, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    convert(w.format_name, w.src, out, splits=["train"], shuffle=True, seed=0, workers=procs)
+    convert(w.format_name, w.src, out, splits=["train"], shuffle=True, seed=0, workers=procs,
+            max_samples=OURS_SHARD_SAMPLES, max_bytes=None)
 
 
 def _litdata_block(w: Workload, block: range) -> Iterator[dict[str, Any]]:

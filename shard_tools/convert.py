@@ -203,12 +203,18 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
             convert_share(Source(format_name, dict(options) if options else None, src, split), out,
                           num_nodes=num_nodes, node_rank=node_rank, max_samples=samples, shuffle=shuffle, seed=seed)
         return {}
-    staged: list[ShardWriter] = []
+    staged: list[Any] = []  # ShardWriter or parallel.StagedSplit: both publish() and abort()
     try:
         for split in wanted:
             source = Source(format_name, dict(options) if options else None, src, split)
-            staged.append(stage_split(source, out, shuffle=shuffle, seed=seed, max_samples=max_samples,
-                                      max_bytes=max_bytes, workers=workers))
+            if workers > 1 and max_bytes is None and max_samples is not None:
+                from shard_tools.parallel import stage_split_parallel
+
+                staged.append(stage_split_parallel(source, out, shuffle=shuffle, seed=seed, max_samples=max_samples,
+                                                   workers=workers))
+            else:
+                staged.append(stage_split(source, out, shuffle=shuffle, seed=seed, max_samples=max_samples,
+                                          max_bytes=max_bytes, workers=workers))
     except Exception:
         for writer in staged:
             writer.abort()

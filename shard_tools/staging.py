@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,9 +61,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resume(staging: Path, key: str) -> list[ShardInfo]:
-    """The sound prefix of an interrupted run's shards; everything else in ``staging`` is
-    removed. Empty when there is no record, or it was made for other input or settings."""
+def resume(staging: Path, key: str, prefix: bool = True) -> list[ShardInfo]:
+    """The sound shards of an interrupted run: its recorded shards whose files still hash to
+    what was recorded (only the first ones up to an unsound one when ``prefix``, as a
+    sequential writer needs). Everything else in ``staging`` is removed. Empty when there
+    is no record, or it was made for other input or settings."""
     try:
         data = json.loads((staging / PROGRESS).read_text())
     except (OSError, ValueError):
@@ -73,13 +76,15 @@ def resume(staging: Path, key: str) -> list[ShardInfo]:
             info = ShardInfo(**entry)
             path = staging / info.name
             if not path.is_file() or path.stat().st_size != info.bytes or _sha256(path) != info.sha256:
-                log.warning("%s: not as recorded; it and the shards after it are written again", path)
-                break
+                log.warning("%s: not as recorded; written again%s", path, " with the shards after it" if prefix else "")
+                if prefix:
+                    break
+                continue
             kept.append(info)
     names = {s.name for s in kept}
     for path in staging.iterdir():
         if path.name not in names and path.name != PROGRESS:
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if kept:
         log.info("%s: resuming after %d sound shard(s), %d samples", staging.parent, len(kept),
                  sum(s.samples for s in kept))

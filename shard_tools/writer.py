@@ -221,6 +221,26 @@ class _HashingFile:
         self._f.close()
 
 
+def publish_staged(out_dir: Path, staging_dir: Path, schema: DatasetSchema, shards: Sequence[ShardInfo]) -> Manifest:
+    """Move staged shards into ``out_dir``, replacing the split's old shards, then write the
+    manifest last and remove the staging directory."""
+    manifest = Manifest(schema=schema, shards=tuple(shards))
+    old_manifest = out_dir / MANIFEST_NAME
+    old_manifest.unlink(missing_ok=True)
+    keep = {s.name for s in shards}
+    for stale in out_dir.glob(f"{schema.split}-*.tar"):
+        if stale.name not in keep:
+            stale.unlink()
+    for shard in shards:
+        os.replace(staging_dir / shard.name, out_dir / shard.name)
+    tmp = staging_dir / MANIFEST_NAME
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, old_manifest)
+    shutil.rmtree(staging_dir)
+    log.info("wrote %d samples in %d shards to %s", manifest.num_samples, len(manifest.shards), out_dir)
+    return manifest
+
+
 def _rows(labels: Columns | None, start: int, stop: int) -> Columns | None:
     """Rows ``start:stop`` of label columns."""
     if labels is None:
@@ -382,23 +402,8 @@ class ShardWriter:
     def publish(self) -> Manifest:
         """Move the staged shards into place, replacing the split's old shards, then write
         the manifest last."""
-        manifest = Manifest(schema=self.schema, shards=tuple(self._shards))
-        old_manifest = self.out_dir / MANIFEST_NAME
-        old_manifest.unlink(missing_ok=True)
-        keep = {s.name for s in self._shards}
-        for stale in self.out_dir.glob(f"{self.schema.split}-*.tar"):
-            if stale.name not in keep:
-                stale.unlink()
-        for shard in self._shards:
-            os.replace(self._staging / shard.name, self.out_dir / shard.name)
-        tmp = self._staging / MANIFEST_NAME
-        tmp.write_text(manifest.to_json())
-        os.replace(tmp, old_manifest)
-        shutil.rmtree(self._staging)
-        log.info("wrote %d samples in %d shards to %s", manifest.num_samples,
-                 len(manifest.shards), self.out_dir)
-        self.manifest = manifest
-        return manifest
+        self.manifest = publish_staged(self.out_dir, self._staging, self.schema, self._shards)
+        return self.manifest
 
     def move_shards(self) -> list[ShardInfo]:
         """Move the staged shards into place without touching any other file or writing a

@@ -135,3 +135,41 @@ def test_killed_conversion_resumes(tmp_path: Path, vimh_source) -> None:
     assert subprocess.run(command, capture_output=True, check=False).returncode == 0
     assert digests(out) == digests(clean)
     assert kept >= 1
+
+
+def test_workers_writing_whole_shards_match_one_process(tmp_path: Path, source: Path) -> None:
+    """With shards limited by sample count, each worker writes whole shards itself."""
+    one = convert("vimh", source, tmp_path / "one", max_samples=100, max_bytes=None)
+    two = convert("vimh", source, tmp_path / "two", max_samples=100, max_bytes=None, workers=2)
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")
+    assert one["train"] == two["train"] and len(two["train"].shards) == 9
+    assert not (tmp_path / "two" / "train" / ".staging").exists()
+
+
+def test_parallel_resume_keeps_every_sound_shard(tmp_path: Path, source: Path) -> None:
+    clean = digests(convert("vimh", source, tmp_path / "clean", max_samples=100, max_bytes=None) and tmp_path / "clean")
+    out = tmp_path / "out"
+    convert("vimh", source, out, max_samples=100, max_bytes=None, workers=2)
+    # as if killed: shards 0..8 of train staged and recorded, shard 3 damaged, nothing published
+    staging_dir = out / "train" / ".staging"
+    staging_dir.mkdir()
+    for shard in sorted((out / "train").glob("train-*.tar")):
+        shard.rename(staging_dir / shard.name)
+    (out / "train" / "manifest.json").unlink()
+    from shard_tools.convert import Source, sample_order, staging_source
+    from shard_tools.converters import get_format
+    from shard_tools.staging import record, resume_key
+
+    fmt = get_format("vimh")
+    schema = fmt.read_schema(source, "train")
+    key = resume_key(schema, sample_order(fmt.count_samples(source, "train"), shuffle=True, seed=0),
+                     staging_source(Source("vimh", None, source, "train")), (100, None))
+    from pipeline.manifest import read_manifest
+
+    record(staging_dir, key, read_manifest(str(tmp_path / "clean" / "train" / "manifest.json")).shards)
+    damaged = staging_dir / "train-000003.tar"
+    damaged.write_bytes(damaged.read_bytes()[:-1024] + bytes(1024) + b"x")
+    stamps = {p.name: p.stat().st_mtime_ns for p in staging_dir.glob("*.tar") if p.name != damaged.name}
+    convert("vimh", source, out, max_samples=100, max_bytes=None, workers=2)
+    assert digests(out) == clean
+    assert {n: (out / "train" / n).stat().st_mtime_ns for n in stamps} == stamps

@@ -12,7 +12,6 @@ Run: ``python -m benchmarks.bench_convert_scale [--quick] [--out docs/bench]``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_convert import count_index, count_tar_samples, disk_bytes
+from benchmarks.bench_convert import disk_bytes, verify
 from benchmarks.common import DEFAULT_OUT, bar_chart, machine_info, timed, timed_cpu, write_results
 from shard_tools.convert import convert, sample_order
 from shard_tools.converters.imagenet100 import load_class_list
@@ -151,21 +150,6 @@ def run_mds(w: Workload, out: Path, procs: int) -> None:
 
 RUNNERS: dict[str, Callable[[Workload, Path, int], None]] = {
     "ours": run_ours, "litdata": run_litdata, "mosaicml_streaming": run_mds}
-
-
-def verify(tool: str, out: Path, expected: int) -> int:
-    if tool == "ours":
-        manifest = json.loads((out / "train" / "manifest.json").read_text())
-        found = count_tar_samples(out)
-        if manifest["num_samples"] != found:
-            raise RuntimeError(f"ours: manifest says {manifest['num_samples']}, tars hold {found}")
-    elif tool == "litdata":
-        found = count_index(out, "chunks", "chunk_size")
-    else:
-        found = count_index(out, "shards", "samples")
-    if found != expected:
-        raise RuntimeError(f"{tool}: wrote {found} samples, expected {expected}")
-    return found
 
 
 # --- driver ----------------------------------------------------------------------------------

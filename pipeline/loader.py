@@ -255,7 +255,7 @@ class ShardLoader:
             if state.get(key) != mine[key]:
                 raise PipelineError(f"loader state: {key} expected {mine[key]!r} (this loader), found "
                                     f"{state.get(key)!r}; resume needs the same data and loader settings")
-        self.epoch, self._resume, self._done = int(state["epoch"]), int(state["batches_done"]), 0
+        self.epoch, self._resume = int(state["epoch"]), int(state["batches_done"])
         self._done = self._resume
 
 

@@ -97,6 +97,13 @@ class Source:
     split: str
 
 
+def split_plan(source: Source, *, shuffle: bool, seed: int) -> tuple[DatasetSchema, list[int]]:
+    """A split's schema and the order its samples are written in (the same in every process)."""
+    fmt = get_format(source.format_name, source.options)
+    schema = fmt.read_schema(source.src, source.split)
+    return schema, sample_order(fmt.count_samples(source.src, source.split), shuffle=shuffle, seed=seed)
+
+
 def prepare_blocks(source: Source, schema: DatasetSchema, indices: Sequence[int]) -> Iterator[Prepared]:
     """The samples at ``indices``, checked and turned into tar members and label columns."""
     fmt = get_format(source.format_name, source.options)
@@ -135,9 +142,7 @@ def stage_split(source: Source, out: Path, *, shuffle: bool = True, seed: int = 
                 workers: int = 1) -> ShardWriter:
     """Write one split into staging under ``out/<split>/`` (keeping the sound shards of an
     interrupted run of the same conversion); publish it later."""
-    fmt = get_format(source.format_name, source.options)
-    schema = fmt.read_schema(source.src, source.split)
-    order = sample_order(fmt.count_samples(source.src, source.split), shuffle=shuffle, seed=seed)
+    schema, order = split_plan(source, shuffle=shuffle, seed=seed)
     key = resume_key(schema, order, staging_source(source), (max_samples, max_bytes))
     writer = ShardWriter(out / source.split, schema, max_samples=max_samples, max_bytes=max_bytes,
                          publish_on_exit=False, resume_key=key)

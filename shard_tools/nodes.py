@@ -11,14 +11,13 @@ byte-identical to a one-machine conversion with the same settings.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pipeline.errors import ConversionError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
-from shard_tools.convert import Source, prepare_blocks, sample_order
-from shard_tools.converters import get_format
+from shard_tools.convert import Source, prepare_blocks, split_plan
+from shard_tools.staging import write_atomic
 from shard_tools.writer import ShardWriter
 
 NODE_MANIFEST = "manifest.node-{rank}-of-{nodes}.json"
@@ -32,9 +31,7 @@ def node_shards(count: int, max_samples: int, num_nodes: int, node_rank: int) ->
 def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, max_samples: int,
                   shuffle: bool, seed: int) -> list[ShardInfo]:
     """Write this node's shards of one split into ``out/<split>/`` and its node manifest."""
-    fmt = get_format(source.format_name, source.options)
-    schema = fmt.read_schema(source.src, source.split)
-    order = sample_order(fmt.count_samples(source.src, source.split), shuffle=shuffle, seed=seed)
+    schema, order = split_plan(source, shuffle=shuffle, seed=seed)
     written = []
     for i in node_shards(len(order), max_samples, num_nodes, node_rank):
         writer = ShardWriter(out / source.split, schema, max_samples=max_samples, max_bytes=None,
@@ -48,16 +45,9 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
     (out / source.split).mkdir(parents=True, exist_ok=True)
     node = {"schema": schema.to_dict(), "num_nodes": num_nodes, "node_rank": node_rank,
             "planned_shards": planned, "shards": [vars(s) for s in written]}
-    _write_text(out / source.split / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
+    write_atomic(out / source.split / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
                 json.dumps(node, sort_keys=True, indent=2) + "\n")
     return written
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def merge_manifests(out: str | Path) -> dict[str, Manifest]:
@@ -78,7 +68,7 @@ def merge_manifests(out: str | Path) -> dict[str, Manifest]:
     if problems:
         raise ConversionError("; ".join(problems))
     for split_dir, manifest in merged.items():
-        _write_text(split_dir / MANIFEST_NAME, manifest.to_json())
+        write_atomic(split_dir / MANIFEST_NAME, manifest.to_json())
         for path in split_dir.glob("manifest.node-*-of-*.json"):
             path.unlink()
     return {split_dir.name: manifest for split_dir, manifest in merged.items()}

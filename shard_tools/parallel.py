@@ -17,8 +17,7 @@ from pathlib import Path
 from pipeline.manifest import Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools import staging
-from shard_tools.convert import Source, prepare_blocks, sample_order, staging_source
-from shard_tools.converters import get_format
+from shard_tools.convert import Source, prepare_blocks, split_plan, staging_source
 from shard_tools.writer import STAGING_DIR, ShardWriter, publish_staged
 
 
@@ -57,9 +56,7 @@ def _write_shard_of(job: tuple[Source, DatasetSchema, int, list[int], Path]) -> 
 def stage_split_parallel(source: Source, out: Path, *, shuffle: bool, seed: int, max_samples: int,
                          workers: int) -> StagedSplit:
     """Write a split's shards with ``workers`` processes, each shard whole by one of them."""
-    fmt = get_format(source.format_name, source.options)
-    schema = fmt.read_schema(source.src, source.split)
-    order = sample_order(fmt.count_samples(source.src, source.split), shuffle=shuffle, seed=seed)
+    schema, order = split_plan(source, shuffle=shuffle, seed=seed)
     key = staging.resume_key(schema, order, staging_source(source), (max_samples, None))
     staged = StagedSplit(out / source.split, schema, [])
     staged.staging_dir.mkdir(parents=True, exist_ok=True)

@@ -48,9 +48,14 @@ def record(staging: Path, key: str, shards: Sequence[ShardInfo]) -> None:
     """Write the progress record (atomically) after a shard is finished."""
     data = {"key": key, "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
                                    for s in shards]}
-    tmp = staging / f".{PROGRESS}.tmp"
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, staging / PROGRESS)
+    write_atomic(staging / PROGRESS, json.dumps(data))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:

@@ -156,14 +156,12 @@ def test_parallel_resume_keeps_every_sound_shard(tmp_path: Path, source: Path) -
     for shard in sorted((out / "train").glob("train-*.tar")):
         shard.rename(staging_dir / shard.name)
     (out / "train" / "manifest.json").unlink()
-    from shard_tools.convert import Source, sample_order, staging_source
-    from shard_tools.converters import get_format
+    from shard_tools.convert import Source, split_plan, staging_source
     from shard_tools.staging import record, resume_key
 
-    fmt = get_format("vimh")
-    schema = fmt.read_schema(source, "train")
-    key = resume_key(schema, sample_order(fmt.count_samples(source, "train"), shuffle=True, seed=0),
-                     staging_source(Source("vimh", None, source, "train")), (100, None))
+    train = Source("vimh", None, source, "train")
+    schema, order = split_plan(train, shuffle=True, seed=0)
+    key = resume_key(schema, order, staging_source(train), (100, None))
     from pipeline.manifest import read_manifest
 
     record(staging_dir, key, read_manifest(str(tmp_path / "clean" / "train" / "manifest.json")).shards)

@@ -226,7 +226,7 @@ def chart(summary: dict[str, Any], out_dir: Path) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="500 JPEGs, 5,000 CIFAR samples, one run")
+    parser.add_argument("--quick", action="store_true", help="500 JPEGs, 5,000 CIFAR samples, one run (default: 10,000 and 100,000)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per tool (default 5)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where convert_scale.json/png go")
     args = parser.parse_args(argv)
@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    per_class, n_cifar = (5, 5000) if args.quick else (20, 20_000)
+    per_class, n_cifar = (5, 5000) if args.quick else (100, 100_000)
     machine = machine_info(PACKAGES)  # load average before we add our own
     workloads: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-convert-scale-") as tmp:

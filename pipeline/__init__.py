@@ -20,11 +20,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """``make_loader`` and ``ShardLoader`` import torch: load them only when asked for."""
+    """``make_loader``, ``mix`` and ``ShardLoader`` import torch: load them only when asked for."""
     if name in ("make_loader", "read_schema"):
         from pipeline import api
 
         return getattr(api, name)
+    if name in ("mix", "MixSource"):
+        from pipeline import mix_loader
+
+        return getattr(mix_loader, name)
     if name == "ShardLoader":
         from pipeline.loader import ShardLoader
 
@@ -32,4 +36,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 
-__all__ += ["ShardLoader", "make_loader", "read_schema"]
+__all__ += ["MixSource", "ShardLoader", "make_loader", "mix", "read_schema"]

@@ -27,6 +27,7 @@ from pipeline.errors import ShardFormatError
 from pipeline.label_columns import decode_label_columns
 from pipeline.schema import DatasetSchema
 from pipeline.tario import ShardIndex
+from pipeline.union import MISSING_CLASS, HeadMap
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class DecodedShard:
     values: dict[str, np.ndarray]
     problems: dict[int, str] = field(default_factory=dict)
     pixels: np.ndarray | None = None  # (n, nbytes) view, for uniformly laid out raw shards
+    source: int = 0  # which source of a mix the shard belongs to
 
 
 def _label_columns(index: ShardIndex, schema: DatasetSchema,
@@ -100,7 +102,7 @@ def _append_labels(data: bytes, start: int, size: int, heads: list[tuple[str, bo
     return reason
 
 
-def decode_shard(index: ShardIndex, schema: DatasetSchema) -> DecodedShard:
+def decode_shard(index: ShardIndex, schema: DatasetSchema, source: int = 0) -> DecodedShard:
     """Labels of every sample as columns, and every missing or misshapen member noted."""
     spec, n = schema.image, len(index)
     problems: dict[int, str] = {}
@@ -124,7 +126,7 @@ def decode_shard(index: ShardIndex, schema: DatasetSchema) -> DecodedShard:
             pixels = np.lib.stride_tricks.as_strided(
                 np.frombuffer(index.data, np.uint8, offset=int(offsets[0])), shape=(n, spec.nbytes),
                 strides=(index.stride, 1), writeable=False)
-    return DecodedShard(index, classes, values, problems, pixels)
+    return DecodedShard(index, classes, values, problems, pixels, source)
 
 
 @dataclass
@@ -193,13 +195,18 @@ class ErrorCounter:
 
 
 class BatchAssembler:
-    """Builds batches for one schema; picklable, so it travels to dataloader workers."""
+    """Builds batches for one schema; picklable, so it travels to dataloader workers.
+
+    For a mix, ``inputs`` are the sources' own schemas (by ``DecodedShard.source``) and
+    ``head_map`` says which source head fills each head of ``schema`` (the union)."""
 
     def __init__(self, schema: DatasetSchema, *, transform: Transform | None = None,
-                 on_error: str = "raise") -> None:
+                 on_error: str = "raise", inputs: Sequence[DatasetSchema] | None = None,
+                 head_map: HeadMap | None = None) -> None:
         if on_error not in ERROR_POLICIES:
             raise ShardFormatError(f"on_error: expected one of {ERROR_POLICIES}, found {on_error!r}")
         self.schema, self.transform, self.on_error = schema, transform, on_error
+        self.inputs, self.head_map = tuple(inputs or (schema,)), head_map
         self.errors = ErrorCounter()
         self._mode = ImageReadMode.GRAY if schema.image.channels == 1 else ImageReadMode.RGB
 
@@ -260,7 +267,7 @@ class BatchAssembler:
         for j, (k, i) in enumerate(zip(refs.which.tolist(), refs.where.tolist(), strict=True)):
             shard = refs.shards[k]
             reason = shard.problems.get(i)
-            if reason is None and self.schema.image.encoding != "raw":
+            if reason is None and self.inputs[shard.source].image.encoding != "raw":
                 image, reason = self._decode(shard, i)
                 decoded[j] = image  # type: ignore[assignment]
             if reason is not None:
@@ -277,7 +284,7 @@ class BatchAssembler:
         return BatchRefs(refs.shards, refs.which[pick], refs.where[pick]), remapped
 
     def _decode(self, shard: DecodedShard, i: int) -> tuple[torch.Tensor | None, str | None]:
-        spec = self.schema.image
+        spec = self.inputs[shard.source].image
         data = shard.index.member(spec.encoding, i)
         try:
             image = decode_image(torch.frombuffer(bytearray(data or b""), dtype=torch.uint8), mode=self._mode)
@@ -309,12 +316,12 @@ class BatchAssembler:
     def _images(self, refs: BatchRefs, decoded: dict[int, torch.Tensor]) -> torch.Tensor:
         """The batch's images as one tensor, through the per-sample transform if any."""
         spec = self.schema.image
-        if spec.encoding == "raw":
+        if spec.encoding == "raw" and spec.fixed_size:
             flat = np.empty((len(refs), spec.nbytes), dtype=np.uint8)
             self._gather_pixels(refs, flat)
             images = list(torch.from_numpy(flat).view(len(refs), *spec.shape_chw).unbind(0))
         else:
-            images = [decoded[j] for j in range(len(refs))]
+            images = [decoded[j] if j in decoded else self._raw_image(refs, j) for j in range(len(refs))]
         if self.transform is not None:
             images = [self.transform(image) for image in images]
         shapes = {tuple(image.shape) for image in images}
@@ -322,6 +329,15 @@ class BatchAssembler:
             raise ShardFormatError(f"{refs.shards[0].index.url}: a batch's images have {len(shapes)} different "
                                    f"shapes {sorted(shapes)[:4]}; the transform must give every image one size")
         return torch.stack(images)
+
+    def _raw_image(self, refs: BatchRefs, j: int) -> torch.Tensor:
+        """Sample ``j``'s raw pixels as CHW, by its own source's image spec (mixes)."""
+        shard, i = refs.shards[int(refs.which[j])], int(refs.where[j])
+        spec = self.inputs[shard.source].image
+        pixels = torch.frombuffer(bytearray(_gather(shard, np.asarray([i]), spec.nbytes)), dtype=torch.uint8)
+        if spec.layout == "HWC":
+            return pixels.view(spec.height, spec.width, spec.channels).permute(2, 0, 1)  # type: ignore[arg-type]
+        return pixels.view(spec.shape_chw)
 
     def _fill_labels(self, refs: BatchRefs, views: dict[str, torch.Tensor]) -> None:
         groups = self._groups(refs)
@@ -332,7 +348,19 @@ class BatchAssembler:
             for key, kind in columns:
                 out = views[key].numpy()
                 for shard, at, rows in groups:
-                    out[at] = getattr(shard, kind)[head.name][rows]
+                    out[at] = self._column(shard, head.name, kind, rows)
+
+    def _column(self, shard: DecodedShard, head: str, kind: str, rows: np.ndarray) -> np.ndarray | float:
+        """One head's labels of ``rows`` of a shard: its own, or (mixes) mapped from its
+        source's head, the source index for the dataset head, the missing marker otherwise."""
+        if self.head_map is None:
+            return getattr(shard, kind)[head][rows]  # type: ignore[no-any-return]
+        if head == self.head_map.dataset_head:
+            return shard.source
+        own = self.head_map.heads[head][shard.source]
+        if own is None:
+            return MISSING_CLASS if kind == "classes" else np.nan
+        return getattr(shard, kind)[own][rows]  # type: ignore[no-any-return]
 
     def log_errors(self, where: str) -> None:
         if self.errors.count:

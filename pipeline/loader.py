@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.batching import IMAGES, BatchAssembler, BatchRefs, DecodedShard, Transform, decode_shard
 from pipeline.errors import PipelineError, ShardFormatError
 from pipeline.header import header_bytes
+from pipeline.mixing import MixPlan
+from pipeline.union import HeadMap
 from pipeline.planning import Slice, WorkerPlan, batches_done_per_worker, epoch_rng, plan_epoch, worker_batches
 from pipeline.schema import DatasetSchema
 from pipeline.storage import read_shard
@@ -51,6 +53,7 @@ class StreamConfig:
     retries: int = 3
     allow_pipe: bool = False
     batches_per_hand_off: int = 1
+    mix: MixPlan | None = None  # several sources (``shards`` is then all of theirs)
 
     @property
     def group(self) -> int:
@@ -58,28 +61,36 @@ class StreamConfig:
         return self.batches_per_hand_off if self.num_workers > 0 else 1
 
     def plan(self, epoch: int) -> list[WorkerPlan]:
+        if self.mix is not None:
+            return self.mix.plan(epoch, seed=self.seed, world_size=self.world_size, rank=self.rank,
+                                 num_workers=self.num_workers, batch_size=self.batch_size, shuffle=self.shuffle,
+                                 group=self.group, round_size=self.shuffle_buffer)
         return plan_epoch(self.shards, seed=self.seed, epoch=epoch, world_size=self.world_size,
                           rank=self.rank, num_workers=self.num_workers, batch_size=self.batch_size,
                           shuffle=self.shuffle, uneven=self.uneven, drop_last=self.drop_last, group=self.group)
 
 
 class _ShardCache:
-    """The last shard loaded by this worker (consecutive slices often share a shard)."""
+    """The last shard loaded by this worker from each source (consecutive slices of a
+    source often share a shard; a mix reads its sources side by side)."""
 
     def __init__(self, config: StreamConfig) -> None:
-        self.config, self.header = config, header_bytes(config.schema)
-        self.shard: DecodedShard | None = None
+        self.config = config
+        self.schemas = config.mix.schemas if config.mix is not None else (config.schema,)
+        self.headers = [header_bytes(schema) for schema in self.schemas]
+        self.shards: dict[int, DecodedShard] = {}
 
-    def get(self, url: str) -> DecodedShard:
-        if self.shard is None or self.shard.index.url != url:
+    def get(self, url: str, source: int = 0) -> DecodedShard:
+        shard = self.shards.get(source)
+        if shard is None or shard.index.url != url:
             c = self.config
             data = read_shard(url, storage_options=c.storage_options, retries=c.retries,
                               cache_dir=c.cache_dir, allow_pipe=c.allow_pipe)
-            index = index_shard(data, url, self.header, tolerant=c.on_error == "skip")
+            index = index_shard(data, url, self.headers[source], tolerant=c.on_error == "skip")
             if index.error:
                 log.warning("%s", index.error)
-            self.shard = decode_shard(index, c.schema)
-        return self.shard
+            shard = self.shards[source] = decode_shard(index, self.schemas[source], source)
+        return shard
 
 
 def _slice_positions(piece: Slice, shard: DecodedShard, config: StreamConfig) -> np.ndarray:
@@ -91,8 +102,12 @@ def _slice_positions(piece: Slice, shard: DecodedShard, config: StreamConfig) ->
     return np.arange(piece.start, min(piece.stop, have))
 
 
-def _windows(slices: Sequence[Slice], size: int) -> list[list[Slice]]:
-    """Consecutive slices grouped into windows of at least ``size`` samples."""
+def _windows(slices: Sequence[Slice], size: int, planned: Sequence[int] | None = None) -> list[list[Slice]]:
+    """Consecutive slices grouped into windows of at least ``size`` samples, or into the
+    ``planned`` numbers of slices (a mix's rounds)."""
+    if planned is not None:
+        bounds = list(itertools.accumulate(planned, initial=0))
+        return [list(slices[a:b]) for a, b in itertools.pairwise(bounds)]
     windows: list[list[Slice]] = [[]]
     for piece in slices:
         if windows[-1] and sum(len(s) for s in windows[-1]) >= size:
@@ -107,12 +122,12 @@ def stream_windows(plan: WorkerPlan, config: StreamConfig, skip: int = 0) -> Ite
     permutation."""
     cache = _ShardCache(config)
     size = config.shuffle_buffer if config.shuffle else 1
-    for number, window in enumerate(_windows(plan.slices, max(1, size))):
+    for number, window in enumerate(_windows(plan.slices, max(1, size), plan.windows)):
         count = sum(len(s) for s in window)
         if skip >= count:
             skip -= count
             continue
-        shards = [cache.get(piece.url) for piece in window]
+        shards = [cache.get(piece.url, piece.source) for piece in window]
         positions = [_slice_positions(p, shard, config) for p, shard in zip(window, shards, strict=True)]
         which = np.concatenate([np.full(len(p), k) for k, p in enumerate(positions)])
         where = np.concatenate(positions)
@@ -204,6 +219,7 @@ class ShardLoader:
         self._resume = 0
         self._done = 0
         self._loader: DataLoader | None = None
+        self.realized: dict[str, int] = {}  # a mix: samples per source in the last full pass
 
     @property
     def schema(self) -> DatasetSchema:
@@ -236,22 +252,39 @@ class ShardLoader:
         loader = self._dataloader()
         self._done = self._resume
         with_keys = self.stream.with_keys
+        head_map, mix = self.stream.assembler.head_map, self.stream.config.mix
+        counts = np.zeros(len(mix.targets) if mix is not None else 0, dtype=np.int64)
         for group in loader:
             for fields, keys in group.batches():
                 self._done += 1
                 images = fields.pop(IMAGES)
+                if head_map is not None:
+                    counts += np.bincount(fields[head_map.dataset_head].numpy(), minlength=len(counts))
                 yield (images, fields, keys) if with_keys else (images, fields)
+        if mix is not None:
+            self.realized = self._log_realized(mix, counts)
         self.epoch, self._resume, self._done = self.epoch + 1, 0, 0
+
+    def _log_realized(self, mix: MixPlan, counts: np.ndarray) -> dict[str, int]:
+        """Log this rank's samples per source in the epoch just read, against the plan."""
+        c = self.stream.config
+        total = max(1, int(counts.sum()))
+        parts = [f"{name} {n / total:.4f} ({n}/{total}, target {t / mix.epoch_samples:.4f})"
+                 for name, n, t in zip(mix.names, counts.tolist(), mix.targets, strict=True)]
+        resumed = f" (resumed after {self._resume} batches: counts cover the rest)" if self._resume else ""
+        log.info("mix epoch %d rank %d realized proportions: %s%s", self.epoch, c.rank, ", ".join(parts), resumed)
+        return dict(zip(mix.names, counts.tolist(), strict=True))
 
     def state_dict(self) -> dict[str, Any]:
         c = self.stream.config
         return {"epoch": self.epoch, "batches_done": self._done, "seed": c.seed, "batch_size": c.batch_size,
                 "world_size": c.world_size, "num_workers": max(1, c.num_workers), "group": c.group,
-                "num_samples": sum(len(s) for s in c.shards)}
+                "num_samples": sum(len(s) for s in c.shards),
+                "mix_targets": list(c.mix.targets) if c.mix is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("seed", "batch_size", "world_size", "num_workers", "group", "num_samples"):
+        for key in ("seed", "batch_size", "world_size", "num_workers", "group", "num_samples", "mix_targets"):
             if state.get(key) != mine[key]:
                 raise PipelineError(f"loader state: {key} expected {mine[key]!r} (this loader), found "
                                     f"{state.get(key)!r}; resume needs the same data and loader settings")
@@ -267,7 +300,9 @@ def default_world() -> tuple[int, int]:
 
 
 def build_loader(config: StreamConfig, *, transform: Transform | None = None, with_keys: bool = False,
-                 prefetch_factor: int = 2, pin_memory: bool = False) -> ShardLoader:
-    assembler = BatchAssembler(config.schema, transform=transform, on_error=config.on_error)
+                 prefetch_factor: int = 2, pin_memory: bool = False, head_map: HeadMap | None = None) -> ShardLoader:
+    inputs = config.mix.schemas if config.mix is not None else None
+    assembler = BatchAssembler(config.schema, transform=transform, on_error=config.on_error, inputs=inputs,
+                               head_map=head_map)
     return ShardLoader(ShardStream(config, assembler, with_keys), prefetch_factor=prefetch_factor,
                        pin_memory=pin_memory)

@@ -51,6 +51,7 @@ class WorkerPlan:
     num_samples: int
     num_batches: int
     window_seed: tuple[int, ...]
+    windows: tuple[int, ...] | None = None  # slices per shuffle window (None: by sample count)
 
 
 def epoch_rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:

@@ -206,6 +206,13 @@ def _stamp(root: Path, wnids: Sequence[str]) -> tuple[int, ...]:
     return tuple(p.stat().st_mtime_ns if p.is_dir() else -1 for p in (root, *(root / w for w in wnids)))
 
 
+def _probe_class(directory: Path) -> list[tuple[Path, Probe, int]]:
+    """:func:`probe_file` of every image file of one class directory, in name order."""
+    names = sorted(e.name for e in os.scandir(directory)
+                   if e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in EXTENSIONS)
+    return [(directory / name, *probe_file(directory / name)) for name in names]
+
+
 @functools.lru_cache(maxsize=8)
 def _scan(root: Path, classes: ClassList, on_bad: str, stamp: tuple[int, ...]) -> SplitFiles:
     """List and classify every file of a split once (``stamp`` invalidates the cache)."""
@@ -222,11 +229,7 @@ def _scan(root: Path, classes: ClassList, on_bad: str, stamp: tuple[int, ...]) -
     kept: list[tuple[Path, int, str, int]] = []
     bad: list[tuple[Path, Probe]] = []
     for label, wnid in enumerate(classes.wnids):
-        names = sorted(e.name for e in os.scandir(root / wnid)
-                       if e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in EXTENSIONS)
-        for name in names:
-            path = root / wnid / name
-            found, nbytes = probe_file(path)
+        for path, found, nbytes in _probe_class(root / wnid):
             if found.kind != OK:
                 bad.append((path, found))
             if found.kind == OK or (on_bad == "convert" and found.kind != UNREADABLE):

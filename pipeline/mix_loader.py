@@ -1,0 +1,138 @@
+"""``mix``: one loader over several shard sets, with exact per-source counts per epoch.
+
+How many samples each source gives per epoch (:func:`epoch_targets`) is fixed once, from
+the sources' manifest counts and what the user asked for; which ones, and in what order,
+is planned per epoch by :mod:`pipeline.mixing`; labels are mapped into the union schema of
+:mod:`pipeline.union`. See ``docs/mixing.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.api import _image_bytes, _pick_split, _slices, check_headers, hand_off_group
+from pipeline.batching import Transform
+from pipeline.errors import PipelineError
+from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_world
+from pipeline.mixing import MixPlan, apportion
+from pipeline.planning import Slice
+from pipeline.sources import resolve_shards
+from pipeline.union import DATASET_HEAD, source_name, union_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MixSource:
+    """One source of a mix: a shard set (anything ``make_loader`` takes) and at most one of
+    ``weight`` (share of the epoch), ``repeat`` (times its size) or ``choose`` (samples per
+    epoch). With none of them a source gives each of its samples once (``repeat=1``).
+    ``name`` (default: the dataset's name) names its namespaced heads and its ``dataset`` class."""
+
+    source: str | Sequence[str]
+    split: str | None = "train"
+    weight: float | None = None
+    repeat: float | None = None
+    choose: int | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in (("weight", self.weight), ("repeat", self.repeat), ("choose", self.choose))
+                 if v is not None}
+        if len(given) > 1:
+            raise PipelineError(f"mix source {self.source}: give at most one of weight, repeat, choose; "
+                                f"found {given}")
+        for key, value in given.items():
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) if key == "choose" \
+                else (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                      and value >= 0)
+            if not ok:
+                expected = "an int >= 0" if key == "choose" else "a finite number >= 0"
+                raise PipelineError(f"mix source {self.source}: {key} expected {expected}, found {value!r}")
+
+
+def _fixed_count(source: MixSource, size: int) -> int | None:
+    if source.choose is not None:
+        return source.choose
+    if source.repeat is not None or source.weight is None:
+        return round((1.0 if source.repeat is None else source.repeat) * size)
+    return None
+
+
+def epoch_targets(sizes: Sequence[int], sources: Sequence[MixSource], epoch_samples: int | None = None,
+                  unit: int = 1) -> list[int]:
+    """Samples per epoch from each source: ``choose`` or ``repeat * size`` where given, and
+    the rest of ``epoch_samples`` (default: all sources' sizes summed) split by ``weight``
+    (largest remainder). The total is then rounded down to a multiple of ``unit`` (ranks,
+    times the batch size with ``drop_last``), keeping the proportions (largest remainder)."""
+    counts = [_fixed_count(s, n) for s, n in zip(sources, sizes, strict=True)]
+    weighted = [k for k, c in enumerate(counts) if c is None]
+    if weighted:
+        total = sum(sizes) if epoch_samples is None else epoch_samples
+        rest = total - sum(c for c in counts if c is not None)
+        if rest < 0:
+            raise PipelineError(f"mix: choose/repeat sources take {total - rest} samples, more than the epoch's "
+                                f"{total}; raise epoch_samples")
+        for k, share in zip(weighted, apportion(rest, [sources[k].weight or 0.0 for k in weighted]), strict=True):
+            counts[k] = share
+    fixed = [int(c or 0) for c in counts]
+    if not weighted and epoch_samples is not None and epoch_samples != sum(fixed):
+        raise PipelineError(f"mix: epoch_samples={epoch_samples} but the sources' choose/repeat counts sum to "
+                            f"{sum(fixed)}; drop epoch_samples or give some sources a weight")
+    total = sum(fixed)
+    if total % unit:
+        log.info("mix: %d samples per epoch rounded down to %d, a multiple of %d (ranks x batch size)",
+                 total, total - total % unit, unit)
+        fixed = apportion(total - total % unit, fixed) if total >= unit else [0] * len(fixed)
+    if sum(fixed) == 0:
+        raise PipelineError(f"mix: the epoch has no samples (targets {fixed}; need at least {unit})")
+    return fixed
+
+
+def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, epoch_samples: int | None = None,
+        num_workers: int = 2, shuffle: bool = True, seed: int = 0, transform: Transform | None = None,
+        shuffle_buffer: int = 4096, world_size: int | None = None, rank: int | None = None,
+        drop_last: bool = False, on_error: str = "raise", storage_options: dict[str, Any] | None = None,
+        cache_dir: str | None = None, retries: int = 3, with_keys: bool = False, prefetch_factor: int = 2,
+        pin_memory: bool = False, dataset_head: str = DATASET_HEAD) -> ShardLoader:
+    """A loader over several sources whose per-epoch counts are exact (see
+    :func:`epoch_targets`), on every rank and every worker alike. Labels follow the union
+    schema (``loader.schema``): heads a sample's source lacks are class ``-1`` (value NaN),
+    and ``labels[dataset_head]`` says which source it came from. Sources whose image specs
+    differ need ``transform`` to give every image one size. Other arguments as ``make_loader``."""
+    specs = [s if isinstance(s, MixSource) else MixSource(**s) for s in sources]
+    if not specs or batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
+        raise PipelineError(f"mix: expected sources, batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1; "
+                            f"found {len(specs)} source(s), {batch_size}, {num_workers}, {shuffle_buffer}")
+    default_size, default_rank = default_world()
+    world_size = default_size if world_size is None else world_size
+    rank = default_rank if rank is None else rank
+    schemas, shard_lists = [], []
+    for k, spec in enumerate(specs):
+        shards = _pick_split(resolve_shards(spec.source, split=spec.split, storage_options=storage_options),
+                             spec.split, spec.source)
+        schemas.append(check_headers(shards.urls, shards.manifest.schema if shards.manifest else None,
+                                     storage_options))
+        shard_lists.append(tuple(Slice(s.url, s.start, s.stop, k)
+                                 for s in _slices(shards, storage_options, cache_dir, False)))
+    names = [spec.name or source_name(schema.name) for spec, schema in zip(specs, schemas, strict=True)]
+    union, head_map = union_schema(schemas, names, split=schemas[0].split, resized=transform is not None,
+                                   dataset_head=dataset_head)
+    unit = world_size * (batch_size if drop_last else 1)
+    targets = epoch_targets([sum(len(s) for s in shards) for shards in shard_lists], specs, epoch_samples, unit)
+    plan = MixPlan(tuple(shard_lists), tuple(targets), tuple(schemas), tuple(names))
+    log.info("mix of %s: %s samples per epoch", ", ".join(names),
+             ", ".join(f"{n} {t}" for n, t in zip(names, targets, strict=True)))
+    image_bytes = max(_image_bytes(s) for s in schemas)
+    config = StreamConfig(shards=tuple(s for shards in shard_lists for s in shards), schema=union,
+                          batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                          world_size=world_size, rank=rank, num_workers=num_workers, drop_last=drop_last,
+                          on_error=on_error, storage_options=storage_options, cache_dir=cache_dir, retries=retries,
+                          batches_per_hand_off=hand_off_group(batch_size * image_bytes), mix=plan)
+    config.plan(0)  # fail now, not in a worker, on impossible settings
+    return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
+                        pin_memory=pin_memory, head_map=head_map)

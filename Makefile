@@ -25,7 +25,7 @@ DEMO_DONE_imagenet100 := $(DEMO_SRC_imagenet100)/.generated
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo shards validate train bench test lint
+.PHONY: help install demo shards validate train train-mix bench test lint
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +64,12 @@ validate: $(STAMP) ## Validate shards: make validate [OUT=dir] (decodes every im
 
 train: $(STAMP) ## Train: make train DATASET=vimh [EXPERIMENT=vimh_cnn] [OUT=shards] [ARGS="trainer.max_epochs=5"]
 	$(BIN)/python -m training.train experiment=$(EXPERIMENT) data.train=$(OUT) $(ARGS)
+
+MIX_EXPERIMENT ?= mix_vimh_cifar100mh
+train-mix: $(STAMP) ## Train on a mix: make train-mix [MIX_EXPERIMENT=mix_vimh_cifar100mh] [ARGS=...] (makes missing demo shards)
+	@for d in $(wordlist 2,3,$(subst _, ,$(MIX_EXPERIMENT))); do case $$d in cifar100) d=cifar100mh;; esac; \
+	  test -f $(DATA)/shards/$$d/train/manifest.json || $(MAKE) --no-print-directory shards DATASET=$$d; done
+	$(BIN)/python -m training.train experiment=$(MIX_EXPERIMENT) paths.data_dir=$(DATA) $(ARGS)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev,bench]"

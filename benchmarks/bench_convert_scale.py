@@ -226,7 +226,8 @@ def chart(summary: dict[str, Any], out_dir: Path) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="500 JPEGs, 5,000 CIFAR samples, one run (default: 10,000 and 100,000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="500 JPEGs, 5,000 CIFAR samples, one run (default: 10,000 and 100,000)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per tool (default 5)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where convert_scale.json/png go")
     args = parser.parse_args(argv)

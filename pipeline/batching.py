@@ -11,7 +11,9 @@ here). Labels are ``labels[head]`` (int64 class index) and, for quantized heads,
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -51,6 +53,7 @@ class DecodedShard:
     problems: dict[int, str] = field(default_factory=dict)
     pixels: np.ndarray | None = None  # (n, nbytes) view, for uniformly laid out raw shards
     source: int = 0  # which source of a mix the shard belongs to
+    label_matrices: tuple[np.ndarray, np.ndarray] | None = None  # made by the assembler on first use
 
 
 def _label_columns(index: ShardIndex, schema: DatasetSchema,
@@ -142,7 +145,9 @@ class BatchRefs:
 
 
 IMAGES = "images"
-Field = tuple[str, str, tuple[int, ...]]  # name, torch dtype name, shape
+CLASSES, VALUES = "\0classes", "\0values"  # the label blocks' names inside a buffer
+# name, torch dtype name, shape; a label block's name is (block name, row names): one row per head
+Field = tuple["str | tuple[str, tuple[str, ...]]", str, tuple[int, ...]]
 
 
 @dataclass
@@ -158,6 +163,7 @@ class PackedGroup:
         return [(unpack(self.buffer[offset:offset + size], fields), keys) for offset, size, fields, keys in self.parts]
 
 
+@functools.lru_cache(maxsize=256)
 def _field_sizes(fields: tuple[Field, ...]) -> list[tuple[int, int]]:
     """(offset, nbytes) of each field, each starting 8-byte aligned."""
     spans, offset = [], 0
@@ -175,10 +181,25 @@ def packed_size(fields: tuple[Field, ...]) -> int:
     return -(-total // 8) * 8
 
 
+def _views(buffer: torch.Tensor, fields: tuple[Field, ...]) -> dict[str, torch.Tensor]:
+    """Typed views of a packed buffer's fields (label blocks whole, by block name)."""
+    out = {}
+    for (name, dtype, shape), (offset, nbytes) in zip(fields, _field_sizes(fields), strict=True):
+        out[name if isinstance(name, str) else name[0]] = \
+            buffer[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)
+    return out
+
+
 def unpack(buffer: torch.Tensor, fields: tuple[Field, ...]) -> dict[str, torch.Tensor]:
-    """Typed views of a packed buffer's fields."""
-    return {name: buffer[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)
-            for (name, dtype, shape), (offset, nbytes) in zip(fields, _field_sizes(fields), strict=True)}
+    """Typed views of a packed buffer's fields; each label block's rows by head name."""
+    out = {}
+    for (name, dtype, shape), (offset, nbytes) in zip(fields, _field_sizes(fields), strict=True):
+        view = buffer[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)
+        if isinstance(name, str):
+            out[name] = view
+        else:
+            out.update(zip(name[1], view.unbind(0), strict=True))
+    return out
 
 
 @dataclass
@@ -215,7 +236,7 @@ class BatchAssembler:
         worker, so they cross to the main process in one hand-off, without another copy)."""
         prepared = []
         for refs in group:
-            refs, decoded = self._sound(refs)
+            refs, decoded = self._sound(by_shard(refs))
             keys = [refs.shards[k].index.keys[i] for k, i in zip(refs.which.tolist(), refs.where.tolist(),
                                                                    strict=True)] if with_keys else []
             images = None if self.transform is None else self._images(refs, decoded)
@@ -226,7 +247,7 @@ class BatchAssembler:
             buffer.share_memory_()
         parts, offset = [], 0
         for (refs, decoded, keys, images, fields), size in zip(prepared, sizes, strict=True):
-            self._fill(refs, decoded, images, unpack(buffer[offset:offset + size], fields))
+            self._fill(refs, decoded, images, _views(buffer[offset:offset + size], fields))
             parts.append((offset, size, fields, keys))
             offset += size
         return PackedGroup(buffer, parts)
@@ -243,15 +264,17 @@ class BatchAssembler:
         self._fill_labels(refs, views)
 
     def _fields(self, n: int, images: torch.Tensor | None) -> tuple[Field, ...]:
+        """The images, then every head's classes as one (heads, n) block and the quantized
+        heads' values as another, so labels are filled with one gather per shard."""
         spec = self.schema.image
         image_field = (IMAGES, "uint8", (n, *spec.shape_chw)) if images is None else \
             (IMAGES, str(images.dtype).removeprefix("torch."), tuple(images.shape))
-        labels: list[Field] = []
-        for head in self.schema.heads:
-            labels.append((head.name, "int64", (n,)))
-            if head.kind == "quantized":
-                labels.append((value_key(head.name), "float32", (n,)))
-        return (image_field, *labels)
+        heads = self.schema.heads
+        fields: list[Field] = [image_field, ((CLASSES, tuple(h.name for h in heads)), "int64", (len(heads), n))]
+        quantized = tuple(value_key(h.name) for h in heads if h.kind == "quantized")
+        if quantized:
+            fields.append(((VALUES, quantized), "float32", (len(quantized), n)))
+        return tuple(fields)
 
     def _fail(self, shard: DecodedShard, i: int, reason: str) -> None:
         message = f"{shard.index.url}: {shard.index.keys[i]}.{reason}"
@@ -262,6 +285,8 @@ class BatchAssembler:
     def _sound(self, refs: BatchRefs) -> tuple[BatchRefs, dict[int, torch.Tensor]]:
         """The batch with bad samples replaced by good ones of the same batch (or an error),
         and the decoded images of encoded formats by batch position."""
+        if all(not shard.problems and self.inputs[shard.source].image.encoding == "raw" for shard in refs.shards):
+            return refs, {}  # nothing to decode, nothing known to be bad
         bad: list[int] = []
         decoded: dict[int, torch.Tensor] = {}
         for j, (k, i) in enumerate(zip(refs.which.tolist(), refs.where.tolist(), strict=True)):
@@ -300,8 +325,14 @@ class BatchAssembler:
         """(shard, batch positions, sample positions) for each shard the batch draws from."""
         if len(refs.shards) == 1 or (refs.which == refs.which[0]).all():
             return [(refs.shards[int(refs.which[0])], slice(None), refs.where)]
-        return [(refs.shards[k], mask, refs.where[mask])
-                for k in np.unique(refs.which).tolist() if (mask := refs.which == k).any()]
+        if (np.diff(refs.which) >= 0).all():
+            cuts = np.flatnonzero(np.diff(refs.which)) + 1
+            bounds = [0, *cuts.tolist(), len(refs)]  # grouped by shard (see by_shard): slices, no fancy index
+            return [(refs.shards[int(refs.which[a])], slice(a, b), refs.where[a:b])
+                    for a, b in itertools.pairwise(bounds)]
+        order = np.argsort(refs.which, kind="stable")
+        cuts = np.flatnonzero(np.diff(refs.which[order])) + 1
+        return [(refs.shards[int(refs.which[at[0]])], at, refs.where[at]) for at in np.split(order, cuts)]
 
     def _gather_pixels(self, refs: BatchRefs, out: np.ndarray) -> None:
         """Raw pixels of the batch into ``out`` (n, nbytes), stored as CHW."""
@@ -340,32 +371,57 @@ class BatchAssembler:
         return pixels.view(spec.shape_chw)
 
     def _fill_labels(self, refs: BatchRefs, views: dict[str, torch.Tensor]) -> None:
-        groups = self._groups(refs)
-        for head in self.schema.heads:
-            columns = [(head.name, "classes")]
-            if head.kind == "quantized":
-                columns.append((value_key(head.name), "values"))
-            for key, kind in columns:
-                out = views[key].numpy()
-                for shard, at, rows in groups:
-                    out[at] = self._column(shard, head.name, kind, rows)
+        """Every head's classes (and values) of the batch: one gather per shard and block."""
+        classes = views[CLASSES].numpy()
+        values = views[VALUES].numpy() if VALUES in views else None
+        for shard, at, rows in self._groups(refs):
+            shard_classes, shard_values = self._label_matrices(shard)
+            classes[:, at] = shard_classes[:, rows]
+            if values is not None:
+                values[:, at] = shard_values[:, rows]
 
-    def _column(self, shard: DecodedShard, head: str, kind: str, rows: np.ndarray) -> np.ndarray | float:
-        """One head's labels of ``rows`` of a shard: its own, or (mixes) mapped from its
-        source's head, the source index for the dataset head, the missing marker otherwise."""
-        if self.head_map is None:
-            return getattr(shard, kind)[head][rows]  # type: ignore[no-any-return]
-        if head == self.head_map.dataset_head:
-            return shard.source
-        own = self.head_map.heads[head][shard.source]
-        if own is None:
-            return MISSING_CLASS if kind == "classes" else np.nan
-        return getattr(shard, kind)[own][rows]  # type: ignore[no-any-return]
+    def _label_matrices(self, shard: DecodedShard) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's labels as (heads, n) classes and (quantized heads, n) values, made once."""
+        if shard.label_matrices is None:
+            heads = self.schema.heads
+            classes = np.stack([shard.classes[h.name] for h in heads]).astype(np.int64, copy=False)
+            quantized = [shard.values[h.name] for h in heads if h.kind == "quantized"]
+            values = np.stack(quantized).astype(np.float32, copy=False) if quantized else np.empty((0, len(shard.index)))
+            shard.label_matrices = (classes, values)
+        return shard.label_matrices
 
     def log_errors(self, where: str) -> None:
         if self.errors.count:
             log.warning("%s: skipped %d bad sample(s) (replaced within their batch); first: %s",
                         where, self.errors.count, "; ".join(self.errors.examples))
+
+
+def by_shard(refs: BatchRefs) -> BatchRefs:
+    """The batch's samples grouped by shard (stable within a shard), so each shard's samples
+    are gathered as one contiguous block. The batch holds the same samples; only their
+    order within it changes, the same way every time."""
+    which = refs.which
+    if len(refs.shards) == 1 or (np.diff(which) >= 0).all():
+        return refs
+    order = np.argsort(which, kind="stable")
+    return BatchRefs(refs.shards, which[order], refs.where[order])
+
+
+def to_union(shard: DecodedShard, union: DatasetSchema, head_map: HeadMap) -> DecodedShard:
+    """A mix's shard with its label columns renamed into the union schema: heads its source
+    lacks are the missing marker (class -1, value NaN), the dataset head is the source."""
+    n, k = len(shard.index), shard.source
+    classes: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = {}
+    for head in union.heads:
+        own = head_map.heads[head.name][k]
+        if head.name == head_map.dataset_head:
+            classes[head.name] = np.full(n, k, dtype=np.int64)
+        else:
+            classes[head.name] = shard.classes[own] if own is not None else np.full(n, MISSING_CLASS, dtype=np.int64)
+        if head.kind == "quantized":
+            values[head.name] = shard.values[own] if own is not None else np.full(n, np.nan, dtype=np.float32)
+    return DecodedShard(shard.index, classes, values, shard.problems, shard.pixels, k)
 
 
 def _gather(shard: DecodedShard, rows: np.ndarray, size: int) -> np.ndarray:

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.batching import IMAGES, BatchAssembler, BatchRefs, DecodedShard, Transform, decode_shard
+from pipeline.batching import IMAGES, BatchAssembler, BatchRefs, DecodedShard, Transform, decode_shard, to_union
 from pipeline.errors import PipelineError, ShardFormatError
 from pipeline.header import header_bytes
 from pipeline.mixing import MixPlan
-from pipeline.union import HeadMap
 from pipeline.planning import Slice, WorkerPlan, batches_done_per_worker, epoch_rng, plan_epoch, worker_batches
 from pipeline.schema import DatasetSchema
 from pipeline.storage import read_shard
 from pipeline.tario import index_shard
+from pipeline.union import HeadMap
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class _ShardCache:
     """The last shard loaded by this worker from each source (consecutive slices of a
     source often share a shard; a mix reads its sources side by side)."""
 
-    def __init__(self, config: StreamConfig) -> None:
-        self.config = config
+    def __init__(self, config: StreamConfig, head_map: HeadMap | None = None) -> None:
+        self.config, self.head_map = config, head_map
         self.schemas = config.mix.schemas if config.mix is not None else (config.schema,)
         self.headers = [header_bytes(schema) for schema in self.schemas]
         self.shards: dict[int, DecodedShard] = {}
@@ -89,7 +89,10 @@ class _ShardCache:
             index = index_shard(data, url, self.headers[source], tolerant=c.on_error == "skip")
             if index.error:
                 log.warning("%s", index.error)
-            shard = self.shards[source] = decode_shard(index, self.schemas[source], source)
+            shard = decode_shard(index, self.schemas[source], source)
+            if self.head_map is not None:
+                shard = to_union(shard, c.schema, self.head_map)
+            self.shards[source] = shard
         return shard
 
 
@@ -116,11 +119,12 @@ def _windows(slices: Sequence[Slice], size: int, planned: Sequence[int] | None =
     return [w for w in windows if w]
 
 
-def stream_windows(plan: WorkerPlan, config: StreamConfig, skip: int = 0) -> Iterator[BatchRefs]:
+def stream_windows(plan: WorkerPlan, config: StreamConfig, skip: int = 0,
+                   head_map: HeadMap | None = None) -> Iterator[BatchRefs]:
     """A worker's samples in epoch order, one window at a time, starting after the first
     ``skip``. Within each window of ``shuffle_buffer`` samples the order is a seeded
     permutation."""
-    cache = _ShardCache(config)
+    cache = _ShardCache(config, head_map)
     size = config.shuffle_buffer if config.shuffle else 1
     for number, window in enumerate(_windows(plan.slices, max(1, size), plan.windows)):
         count = sum(len(s) for s in window)
@@ -198,7 +202,8 @@ class ShardStream(IterableDataset):
         plans = c.plan(epoch)
         mine = worker_batches(sum(p.num_batches for p in plans), workers, worker, group)
         done = batches_done_per_worker(batches_done, workers, group)[worker]
-        batches = cut_batches(stream_windows(plans[worker], c, skip=done * c.batch_size), c.batch_size)
+        windows = stream_windows(plans[worker], c, skip=done * c.batch_size, head_map=self.assembler.head_map)
+        batches = cut_batches(windows, c.batch_size)
         for _, turn in itertools.groupby(mine[done:], key=lambda j: j // group):
             yield self.assembler(list(itertools.islice(batches, len(list(turn)))), with_keys=self.with_keys)
         self.assembler.log_errors(f"rank {c.rank} worker {worker} epoch {epoch}")

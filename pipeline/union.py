@@ -46,7 +46,7 @@ def union_image(schemas: Sequence[DatasetSchema], names: Sequence[str], resized:
                               f"({first.describe()}), source {name!r} {spec.channels}-channel "
                               f"({spec.describe()}); a mix needs one channel count")
         if spec != first and not resized:
-            raise SchemaError(f"mix: source {names[0]!r} has images {first.describe()}, source {name!r} "
+            raise SchemaError(f"mix: source {names[0]!r} has images {first.describe()}, source {name!r} has images "
                               f"{spec.describe()}; set a target size (image_size, or a transform that "
                               "gives every image one size) to mix them")
     if all(s.image == first for s in schemas):

@@ -20,7 +20,8 @@ from training.datamodule import MultiheadDataModule
 from training.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if not p.stem.startswith("mix_"))
+MIX_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("mix_*.yaml"))
 
 
 def config(tmp_path: Path, *overrides: str, name: str = "train") -> DictConfig:
@@ -195,3 +196,48 @@ def test_csv_and_tensorboard_loggers_write_their_files(tmp_path: Path, data_root
     assert list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents.*"))
     metrics = next((tmp_path / "out" / "csv").rglob("metrics.csv")).read_text()
     assert "val/note_number_acc" in metrics and "train/data_stall_share" in metrics
+
+
+def mix_sources(*pairs: tuple[str, Path, float], **extra: str) -> str:
+    """A Hydra override of ``data.sources``: (name, root, weight) per source."""
+    items = []
+    for name, root, weight in pairs:
+        fields = {"source": str(root), "split": "train", "weight": weight, "name": name, **extra.get(name, {})}
+        items.append("{" + ",".join(f"{k}:{v}" for k, v in fields.items()) + "}")
+    return "data.sources=[" + ",".join(items) + "]"
+
+
+@pytest.mark.parametrize("experiment", MIX_EXPERIMENTS)
+def test_every_mix_experiment_runs_fast_dev_run(tmp_path: Path, data_roots, experiment: str) -> None:
+    first, second = experiment.split("_")[1:3]
+    roots = {"vimh": data_roots["vimh"], "cifar100mh": data_roots["cifar100mh"], "cifar100": data_roots["cifar100mh"],
+             "imagenet100": data_roots["imagenet100"]}
+    extra = {"a": {"val_split": "val", "test_split": "val"}} if first == "imagenet100" else {}
+    cfg = config(tmp_path, f"experiment={experiment}", mix_sources(("a", roots[first], 0.5),
+                                                                     ("b", roots[second], 0.5), **extra),
+                 "trainer.fast_dev_run=true", "data.batch_size=8", "data.image_size=32")  # vimh here: 16x16
+    metrics = train(cfg)
+    heads = {"vimh": ["note_number", "note_velocity"], "cifar100mh": ["fine", "coarse"], "cifar100": ["fine", "coarse"],
+             "imagenet100": ["label"]}
+    assert {f"val/{h}_acc" for h in ["dataset", *heads[first], *heads[second]]} <= set(metrics), sorted(metrics)
+
+
+@pytest.mark.slow
+def test_training_on_a_mix_learns_every_head(tmp_path: Path) -> None:
+    """VIMH (2 quantized heads) and the CIFAR-100 release layout (fine, coarse) mixed 50/50:
+    every head, and the dataset head, well above chance after a few epochs."""
+    from shard_tools.convert import convert
+    from shard_tools.synthetic import generate_vimh
+    from shard_tools.synthetic_cifar import generate_cifar100
+
+    convert("vimh", generate_vimh(tmp_path / "src" / "vimh-32x32x3_m", n_train=1024, n_test=256), tmp_path / "vimh")
+    convert("cifar100mh", generate_cifar100(tmp_path / "src" / "cifar100", n_train=2048, n_test=512),
+            tmp_path / "cifar")
+    cfg = config(tmp_path, "experiment=mix_vimh_cifar100mh",
+                 mix_sources(("vimh", tmp_path / "vimh", 0.5), ("cifar", tmp_path / "cifar", 0.5)),
+                 "data.epoch_samples=2048", "trainer.max_epochs=6", "data.batch_size=64", "logger=csv",
+                 "model.optimizer.lr=0.004")
+    metrics = train(cfg)
+    chance = {"note_number": 1 / 13, "note_velocity": 1 / 9, "fine": 1 / 100, "coarse": 1 / 20, "dataset": 1 / 2}
+    for head, p in chance.items():
+        assert metrics[f"test/{head}_acc"] > min(0.9, 3 * p), (head, metrics)

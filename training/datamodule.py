@@ -117,12 +117,16 @@ class MultiheadDataModule(L.LightningDataModule):
         self._train = make_loader(source, split=split, batch_size=self.batch_size, shuffle=True, seed=self.seed,
                                   shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last,
                                   transform=self.train_transform, **self.options)
+        return self._resumed(self._train)
+
+    def _resumed(self, loader: ShardLoader) -> LightningLoader:
+        """The train loader, moved to the checkpoint's place in its epoch if resuming."""
         if self._resume is not None:
-            state = {**self._train.state_dict(), **self._resume}
-            self._train.load_state_dict(state)
+            state = {**loader.state_dict(), **self._resume}
+            loader.load_state_dict(state)
             log.info("train loader resumes at epoch %d after %d batches", state["epoch"], state["batches_done"])
             self._resume = None
-        return LightningLoader(self._train)
+        return LightningLoader(loader)
 
     def _eval_loader(self, stage: str) -> LightningLoader:
         self.check_split(stage)

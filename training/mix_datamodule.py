@@ -1,0 +1,83 @@
+"""MixDataModule: train on a weighted mix of shard sets (``pipeline.mix``), evaluate on each
+source's evaluation split, every sample once.
+
+The model is built from the mix's union schema: every head of every source plus the
+``dataset`` head; a sample's missing heads are class -1, left out of losses and metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+
+from pipeline.batching import Transform
+from pipeline.errors import SchemaError
+from pipeline.loader import ShardLoader
+from pipeline.mix_loader import MixSource, mix
+from pipeline.schema import DatasetSchema
+from training.datamodule import LightningLoader, MultiheadDataModule, default_transforms
+
+EVAL_KEYS = ("val_split", "test_split")
+
+
+class MixDataModule(MultiheadDataModule):
+    """``sources``: one mapping per source with :class:`~pipeline.mix_loader.MixSource`'s
+    fields (``source``, ``split``, ``weight`` | ``repeat`` | ``choose``, ``name``) plus
+    ``val_split`` and ``test_split`` (default ``test``). ``epoch_samples``: the size of a
+    training epoch (default: all sources' train splits summed)."""
+
+    def __init__(self, sources: Sequence[Mapping[str, Any]], *, epoch_samples: int | None = None,
+                 batch_size: int = 256, eval_batch_size: int | None = None, num_workers: int = 2, seed: int = 0,
+                 shuffle_buffer: int = 4096, drop_last: bool = False, on_error: str = "raise",
+                 storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
+                 with_keys: bool = False, image_size: int | None = None,
+                 train_transform: Transform | None = None, eval_transform: Transform | None = None) -> None:
+        L.LightningDataModule.__init__(self)
+        self.train_sources = [MixSource(**{k: v for k, v in s.items() if k not in EVAL_KEYS}) for s in sources]
+        self.eval_splits = [{k: str(s.get(k, "test")) for k in EVAL_KEYS} for s in sources]
+        self.epoch_samples = epoch_samples
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.options = {"num_workers": num_workers, "storage_options": storage_options, "cache_dir": cache_dir,
+                        "on_error": on_error, "with_keys": with_keys}
+        self.seed, self.shuffle_buffer, self.drop_last = seed, shuffle_buffer, drop_last
+        if image_size is not None:
+            train_transform = train_transform or default_transforms(image_size, train=True)
+            eval_transform = eval_transform or default_transforms(image_size, train=False)
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self._train_loader = self._mix(self.train_sources, train=True)  # reads every header now
+        self.schema: DatasetSchema = self._train_loader.schema
+        self.input_image = self._input_image(image_size)
+        self._resume: dict[str, int] | None = None
+        self._train: ShardLoader | None = None
+
+    def _mix(self, sources: Sequence[MixSource], *, train: bool) -> ShardLoader:
+        return mix(sources, batch_size=self.batch_size if train else self.eval_batch_size,
+                   epoch_samples=self.epoch_samples if train else None, shuffle=train, seed=self.seed,
+                   shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last and train,
+                   transform=self.train_transform if train else self.eval_transform, **self.options)
+
+    def _eval_sources(self, stage: str) -> list[MixSource]:
+        """Each source's ``stage`` split, every sample once (``repeat=1``)."""
+        return [MixSource(s.source, split=splits[f"{stage}_split"], repeat=1.0, name=name)
+                for s, splits, name in zip(self.train_sources, self.eval_splits,
+                                           self.schema.head("dataset").class_names, strict=True)]
+
+    def check_split(self, stage: str) -> DatasetSchema:
+        """The union schema of a stage's splits; its heads must be the training mix's."""
+        return self._checked(self._mix(self._eval_sources(stage), train=False), stage).schema
+
+    def _checked(self, loader: ShardLoader, stage: str) -> ShardLoader:
+        heads = loader.schema.heads
+        if [h.to_dict() for h in heads] != [h.to_dict() for h in self.schema.heads]:
+            raise SchemaError(f"{stage} splits of the mix: heads {[h.name for h in heads]} differ from the "
+                              f"training mix's {list(self.schema.head_names)}")
+        return loader
+
+    def train_dataloader(self) -> LightningLoader:
+        self._train = self._train_loader if self._train is None else self._mix(self.train_sources, train=True)
+        return self._resumed(self._train)
+
+    def _eval_loader(self, stage: str) -> LightningLoader:
+        return LightningLoader(self._checked(self._mix(self._eval_sources(stage), train=False), stage))

@@ -80,6 +80,7 @@ bench: $(BENCH_STAMP) ## Benchmarks against webdataset, litdata and mosaicml-str
 	$(BIN)/python -m benchmarks.bench_loader
 	$(BIN)/python -m benchmarks.bench_stall
 	$(BIN)/python -m benchmarks.bench_convert_scale
+	$(BIN)/python -m benchmarks.bench_mix
 
 test: $(STAMP) ## Run the test suite (add PYTEST_ARGS="-m slow" for the slow tests only)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -79,10 +79,11 @@ def vimh_classes(source: Path, schema: DatasetSchema) -> tuple[np.ndarray, dict[
     return np.asarray(batch["data"]), classes
 
 
-def make_raw32(work: Path, n: int) -> Workload:
+def make_raw32(work: Path, n: int, shard_samples: int | None = None) -> Workload:
+    """The VIMH source converted in ``RAW_SHARDS`` shards (or shards of ``shard_samples``)."""
     source = generate_vimh(work / "vimh-32x32x3_bench", n_train=n, n_test=16, n_heads=2)
     ours = work / "raw32-ours"
-    manifests = convert("vimh", source, ours, splits=["train"], max_samples=-(-n // RAW_SHARDS))
+    manifests = convert("vimh", source, ours, splits=["train"], max_samples=shard_samples or -(-n // RAW_SHARDS))
     schema = manifests["train"].schema
     data, classes = vimh_classes(source, schema)
     order = np.array(sample_order(n, shuffle=True, seed=0))  # convert's write order

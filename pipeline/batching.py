@@ -139,9 +139,21 @@ class BatchRefs:
     shards: list[DecodedShard]
     which: np.ndarray
     where: np.ndarray
+    _groups: list[tuple[DecodedShard, slice, np.ndarray]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.where)
+
+    def groups(self) -> list[tuple[DecodedShard, slice, np.ndarray]]:
+        """(shard, batch positions, sample positions) for each run of samples from one shard
+        (one run per shard once :func:`by_shard` has grouped the batch)."""
+        if self._groups is None:
+            which = self.which
+            cuts = np.flatnonzero(which[1:] != which[:-1]) + 1
+            bounds = [0, *cuts.tolist(), len(which)]
+            self._groups = [(self.shards[int(which[a])], slice(a, b), self.where[a:b])
+                            for a, b in itertools.pairwise(bounds)]
+        return self._groups
 
 
 IMAGES = "images"
@@ -157,6 +169,7 @@ class PackedGroup:
 
     buffer: torch.Tensor
     parts: list[tuple[int, int, tuple[Field, ...], list[str]]]
+    source_counts: np.ndarray | None = None  # a mix: samples per source in these batches
 
     def batches(self) -> list[tuple[dict[str, torch.Tensor], list[str]]]:
         """Each batch's fields as typed views, with its keys."""
@@ -250,7 +263,17 @@ class BatchAssembler:
             self._fill(refs, decoded, images, _views(buffer[offset:offset + size], fields))
             parts.append((offset, size, fields, keys))
             offset += size
-        return PackedGroup(buffer, parts)
+        return PackedGroup(buffer, parts, self._source_counts([p[0] for p in prepared]))
+
+    def _source_counts(self, batches: list[BatchRefs]) -> np.ndarray | None:
+        """Samples per source of a mix in ``batches`` as assembled (after replacements)."""
+        if self.head_map is None:
+            return None
+        counts = np.zeros(len(self.inputs), dtype=np.int64)
+        for refs in batches:
+            for shard, _, rows in refs.groups():
+                counts[shard.source] += len(rows)
+        return counts
 
     def _fill(self, refs: BatchRefs, decoded: dict[int, torch.Tensor], images: torch.Tensor | None,
               views: dict[str, torch.Tensor]) -> None:
@@ -321,23 +344,10 @@ class BatchAssembler:
             return None, f"{spec.encoding}: image expected CxHxW {expected}, found {tuple(image.shape)}"
         return image, None
 
-    def _groups(self, refs: BatchRefs) -> list[tuple[DecodedShard, np.ndarray | slice, np.ndarray]]:
-        """(shard, batch positions, sample positions) for each shard the batch draws from."""
-        if len(refs.shards) == 1 or (refs.which == refs.which[0]).all():
-            return [(refs.shards[int(refs.which[0])], slice(None), refs.where)]
-        if (np.diff(refs.which) >= 0).all():
-            cuts = np.flatnonzero(np.diff(refs.which)) + 1
-            bounds = [0, *cuts.tolist(), len(refs)]  # grouped by shard (see by_shard): slices, no fancy index
-            return [(refs.shards[int(refs.which[a])], slice(a, b), refs.where[a:b])
-                    for a, b in itertools.pairwise(bounds)]
-        order = np.argsort(refs.which, kind="stable")
-        cuts = np.flatnonzero(np.diff(refs.which[order])) + 1
-        return [(refs.shards[int(refs.which[at[0]])], at, refs.where[at]) for at in np.split(order, cuts)]
-
     def _gather_pixels(self, refs: BatchRefs, out: np.ndarray) -> None:
         """Raw pixels of the batch into ``out`` (n, nbytes), stored as CHW."""
         spec = self.schema.image
-        for shard, at, rows in self._groups(refs):
+        for shard, at, rows in refs.groups():
             out[at] = shard.pixels[rows] if shard.pixels is not None else _gather(shard, rows, spec.nbytes)
         if spec.layout == "HWC":
             channels, height, width = spec.shape_chw
@@ -374,7 +384,7 @@ class BatchAssembler:
         """Every head's classes (and values) of the batch: one gather per shard and block."""
         classes = views[CLASSES].numpy()
         values = views[VALUES].numpy() if VALUES in views else None
-        for shard, at, rows in self._groups(refs):
+        for shard, at, rows in refs.groups():
             shard_classes, shard_values = self._label_matrices(shard)
             classes[:, at] = shard_classes[:, rows]
             if values is not None:
@@ -386,7 +396,8 @@ class BatchAssembler:
             heads = self.schema.heads
             classes = np.stack([shard.classes[h.name] for h in heads]).astype(np.int64, copy=False)
             quantized = [shard.values[h.name] for h in heads if h.kind == "quantized"]
-            values = np.stack(quantized).astype(np.float32, copy=False) if quantized else np.empty((0, len(shard.index)))
+            values = (np.stack(quantized).astype(np.float32, copy=False) if quantized
+                      else np.empty((0, len(shard.index)), dtype=np.float32))
             shard.label_matrices = (classes, values)
         return shard.label_matrices
 
@@ -400,11 +411,10 @@ def by_shard(refs: BatchRefs) -> BatchRefs:
     """The batch's samples grouped by shard (stable within a shard), so each shard's samples
     are gathered as one contiguous block. The batch holds the same samples; only their
     order within it changes, the same way every time."""
-    which = refs.which
-    if len(refs.shards) == 1 or (np.diff(which) >= 0).all():
+    if len(refs.shards) == 1:
         return refs
-    order = np.argsort(which, kind="stable")
-    return BatchRefs(refs.shards, which[order], refs.where[order])
+    order = np.argsort(refs.which, kind="stable")
+    return BatchRefs(refs.shards, refs.which[order], refs.where[order])
 
 
 def to_union(shard: DecodedShard, union: DatasetSchema, head_map: HeadMap) -> DecodedShard:

@@ -70,29 +70,45 @@ class StreamConfig:
                           shuffle=self.shuffle, uneven=self.uneven, drop_last=self.drop_last, group=self.group)
 
 
+KEEP_BYTES = 64 << 20  # per worker: decoded shards of cycled mix sources kept for the epoch
+
+
 class _ShardCache:
     """The last shard loaded by this worker from each source (consecutive slices of a
-    source often share a shard; a mix reads its sources side by side)."""
+    source often share a shard; a mix reads its sources side by side). Shards of a mix
+    source that the epoch cycles through more than once are kept, up to ``KEEP_BYTES``."""
 
     def __init__(self, config: StreamConfig, head_map: HeadMap | None = None) -> None:
         self.config, self.head_map = config, head_map
-        self.schemas = config.mix.schemas if config.mix is not None else (config.schema,)
+        mix = config.mix
+        self.schemas = mix.schemas if mix is not None else (config.schema,)
+        self.cycled = [t > sum(len(s) for s in shards) for shards, t in zip(mix.sources, mix.targets, strict=True)] \
+            if mix is not None else [False]
         self.headers = [header_bytes(schema) for schema in self.schemas]
         self.shards: dict[int, DecodedShard] = {}
+        self.kept: dict[str, DecodedShard] = {}
+        self.kept_bytes = 0
 
     def get(self, url: str, source: int = 0) -> DecodedShard:
         shard = self.shards.get(source)
         if shard is None or shard.index.url != url:
-            c = self.config
-            data = read_shard(url, storage_options=c.storage_options, retries=c.retries,
-                              cache_dir=c.cache_dir, allow_pipe=c.allow_pipe)
-            index = index_shard(data, url, self.headers[source], tolerant=c.on_error == "skip")
-            if index.error:
-                log.warning("%s", index.error)
-            shard = decode_shard(index, self.schemas[source], source)
-            if self.head_map is not None:
-                shard = to_union(shard, c.schema, self.head_map)
+            shard = self.kept.get(url) or self._load(url, source)
             self.shards[source] = shard
+        return shard
+
+    def _load(self, url: str, source: int) -> DecodedShard:
+        c = self.config
+        data = read_shard(url, storage_options=c.storage_options, retries=c.retries,
+                          cache_dir=c.cache_dir, allow_pipe=c.allow_pipe)
+        index = index_shard(data, url, self.headers[source], tolerant=c.on_error == "skip")
+        if index.error:
+            log.warning("%s", index.error)
+        shard = decode_shard(index, self.schemas[source], source)
+        if self.head_map is not None:
+            shard = to_union(shard, c.schema, self.head_map)
+        if self.cycled[source] and self.kept_bytes + len(data) <= KEEP_BYTES:
+            self.kept[url] = shard
+            self.kept_bytes += len(data)
         return shard
 
 
@@ -257,14 +273,14 @@ class ShardLoader:
         loader = self._dataloader()
         self._done = self._resume
         with_keys = self.stream.with_keys
-        head_map, mix = self.stream.assembler.head_map, self.stream.config.mix
+        mix = self.stream.config.mix
         counts = np.zeros(len(mix.targets) if mix is not None else 0, dtype=np.int64)
         for group in loader:
+            if group.source_counts is not None:
+                counts += group.source_counts
             for fields, keys in group.batches():
                 self._done += 1
                 images = fields.pop(IMAGES)
-                if head_map is not None:
-                    counts += np.bincount(fields[head_map.dataset_head].numpy(), minlength=len(counts))
                 yield (images, fields, keys) if with_keys else (images, fields)
         if mix is not None:
             self.realized = self._log_realized(mix, counts)

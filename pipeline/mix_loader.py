@@ -123,7 +123,12 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     union, head_map = union_schema(schemas, names, split=schemas[0].split, resized=transform is not None,
                                    dataset_head=dataset_head)
     unit = world_size * (batch_size if drop_last else 1)
-    targets = epoch_targets([sum(len(s) for s in shards) for shards in shard_lists], specs, epoch_samples, unit)
+    sizes = [sum(len(s) for s in shards) for shards in shard_lists]
+    targets = epoch_targets(sizes, specs, epoch_samples, unit)
+    empty = [f"{name} ({spec.source})" for name, spec, size, target in zip(names, specs, sizes, targets, strict=True)
+             if target and not size]
+    if empty:
+        raise PipelineError(f"mix: source(s) {', '.join(empty)} have no samples but a share of the epoch")
     plan = MixPlan(tuple(shard_lists), tuple(targets), tuple(schemas), tuple(names))
     log.info("mix of %s: %s samples per epoch", ", ".join(names),
              ", ".join(f"{n} {t}" for n, t in zip(names, targets, strict=True)))

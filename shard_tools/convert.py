@@ -3,6 +3,7 @@ split. Checks, label records and tar members are built a block at a time with nu
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -158,6 +159,16 @@ def stage_split(source: Source, out: Path, *, shuffle: bool = True, seed: int = 
     return writer
 
 
+def prescan(source: Source, workers: int) -> None:
+    """With ``workers`` > 1, let a format that scans its source first (ImageNet folders:
+    every file's header) scan with that many processes, before any writing pool is forked,
+    so the workers inherit the result."""
+    scan = getattr(get_format(source.format_name, source.options), "prescan", None)
+    if workers > 1 and scan is not None:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            scan(source.src, source.split, functools.partial(pool.map, chunksize=4))
+
+
 def staging_source(source: Source) -> str:
     """The source as a resume key sees it: format, options and every file's size and time."""
     return f"{source.format_name}\0{sorted((source.options or {}).items())}\0{source_fingerprint(source.src)}"
@@ -199,6 +210,7 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     fmt, src, out = get_format(format_name, options), Path(src), Path(out)
     wanted = tuple(splits) if splits else fmt.splits(src)
     for split in wanted:
+        prescan(Source(format_name, dict(options) if options else None, src, split), workers)
         fmt.read_schema(src, split)  # fail on inconsistent input before writing anything
     if num_nodes > 1:
         from shard_tools.nodes import check_node_settings, convert_share

@@ -179,38 +179,53 @@ def tar_block(keys: Sequence[str], members: Sequence[tuple[str, Member]]) -> np.
     return out
 
 
+IOV_MAX = 1024  # buffers per writev call (POSIX guarantees at least 16; Linux allows 1024)
+
+
+def _write_all(fd: int, pieces: list[memoryview]) -> None:
+    """Write every piece, in order, with as few ``writev`` calls as the kernel allows."""
+    pending = [p for p in pieces if p.nbytes]
+    start = 0
+    while start < len(pending):
+        written = os.writev(fd, pending[start:start + IOV_MAX])
+        while start < len(pending) and written >= pending[start].nbytes:
+            written -= pending[start].nbytes
+            start += 1
+        if written:  # a partial write: the rest of this piece goes next
+            pending[start] = pending[start][written:]
+
+
 class _HashingFile:
-    """A write-only file that tracks sha256 and size as bytes go through; small writes
-    are gathered and written (and hashed) in batches of about ``FLUSH_BYTES``."""
+    """A write-only file that tracks sha256 and size as bytes go through; pieces are
+    gathered and written (and hashed) in batches of about ``FLUSH_BYTES``, with
+    ``writev``, so no piece is copied into a joined buffer first."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._f: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
         self._sha = hashlib.sha256()
-        self._pending: list[bytes | memoryview] = []
+        self._pending: list[memoryview] = []
         self._pending_size = 0
         self.size = 0
 
-    def write(self, data: bytes | memoryview) -> None:
-        size = memoryview(data).nbytes
-        self.size += size
-        if size >= FLUSH_BYTES:
-            self._flush()
-            self._emit(data)
-            return
-        self._pending.append(data)
-        self._pending_size += size
+    def write(self, data: bytes | memoryview | np.ndarray) -> None:
+        self.write_many([data])
+
+    def write_many(self, pieces: Sequence[bytes | memoryview | np.ndarray]) -> None:
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            self._pending.append(view)
+            self._pending_size += view.nbytes
+            self.size += view.nbytes
         if self._pending_size >= FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         if self._pending:
-            self._emit(b"".join(self._pending))
+            for view in self._pending:
+                self._sha.update(view)
+            _write_all(self._f.fileno(), self._pending)
             self._pending, self._pending_size = [], 0
-
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
-        self._sha.update(data)
 
     def close(self) -> str:
         self._flush()
@@ -310,14 +325,16 @@ class ShardWriter:
         """Append one sample: ``members`` are ``(extension, data)`` pairs, written in order.
         ``labels`` (per-head class and value columns of length 1) go into the shard's
         ``__labels__`` member; a shard gets one only if every sample came with them."""
-        blob = b"".join(tar_member(f"{key}.{ext}", data) for ext, data in members)
+        pieces: list[bytes] = []
+        for ext, data in members:  # header, data, padding: written as they are, not joined
+            pieces += [tar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % BLOCK)]
         shard = self._file
-        if shard is not None and self._full(shard, len(blob)):
+        if shard is not None and self._full(shard, sum(len(p) for p in pieces)):
             self._finish_shard(shard)
             shard = None
         if shard is None:
             shard = self._start_shard()
-        shard.write(blob)
+        shard.write_many(pieces)
         self._count += 1
         self._add_columns(labels)
 

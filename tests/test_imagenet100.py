@@ -359,7 +359,7 @@ def test_file_changed_since_the_scan(tmp_path: Path) -> None:
     src, class_file = make_source(tmp_path)
     fmt = configure(class_list=str(class_file))
     assert fmt.count_samples(src, "train") == 6
-    path = fmt.files(src, "train").paths[3]
+    path = Path(fmt.files(src, "train").paths[3])
     _write_bad(path, "gray")  # the same name, so the cached scan still lists it as RGB
     with pytest.raises(ConversionError, match=rf"{path.name}: sample 3: was 'ok' when the split was scanned, "
                                               r"now 'not RGB' \(mode L\); did it change\?"):

@@ -15,7 +15,7 @@ import functools
 import io
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -137,7 +137,7 @@ class Probe:
     size: tuple[int, int] = (0, 0)
 
 
-def probe(file: Path | io.BytesIO) -> Probe:
+def probe(file: str | Path | io.BytesIO) -> Probe:
     """Classify an image without decoding its pixels: what Pillow says of its header.
     :func:`probe_bytes` and :func:`probe_file` give the same answers, faster."""
     try:
@@ -168,7 +168,7 @@ def probe_bytes(data: bytes) -> Probe:
     return probe(io.BytesIO(data)) if found is None else found
 
 
-def probe_file(path: Path) -> tuple[Probe, int]:
+def probe_file(path: str | Path) -> tuple[Probe, int]:
     """:func:`probe` of a file and its size in bytes, reading only its first
     :data:`HEAD_BYTES` when the JPEG header ends there."""
     try:
@@ -183,7 +183,7 @@ def probe_file(path: Path) -> tuple[Probe, int]:
     except OSError:
         pass  # Pillow fails the same way and says why
     found = probe(path)
-    return found, (0 if found.kind == UNREADABLE else path.stat().st_size)
+    return found, (0 if found.kind == UNREADABLE else os.stat(path).st_size)
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class SplitFiles:
     label and :class:`Probe` kind; ``nbytes`` is their total size."""
 
     root: Path
-    paths: tuple[Path, ...]
+    paths: tuple[str, ...]  # strings, not Path objects: a split can hold a million
     labels: np.ndarray
     kinds: tuple[str, ...]
     nbytes: int
@@ -206,17 +206,37 @@ def _stamp(root: Path, wnids: Sequence[str]) -> tuple[int, ...]:
     return tuple(p.stat().st_mtime_ns if p.is_dir() else -1 for p in (root, *(root / w for w in wnids)))
 
 
-def _probe_class(directory: Path) -> list[tuple[Path, Probe, int]]:
-    """:func:`probe_file` of every image file of one class directory, in name order."""
+def _probe_class(directory: Path) -> list[tuple[str, str, str, int]]:
+    """(file name, kind, detail, size) from :func:`probe_file` of every image file of one
+    class directory, in name order (plain tuples: cheap to send back from a pool worker)."""
     names = sorted(e.name for e in os.scandir(directory)
-                   if e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in EXTENSIONS)
-    return [(directory / name, *probe_file(directory / name)) for name in names]
+                   if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in EXTENSIONS)
+    probed = []
+    for name in names:
+        found, nbytes = probe_file(os.path.join(directory, name))
+        probed.append((name, found.kind, found.detail, nbytes))
+    return probed
 
 
-@functools.lru_cache(maxsize=8)
-def _scan(root: Path, classes: ClassList, on_bad: str, stamp: tuple[int, ...]) -> SplitFiles:
-    """List and classify every file of a split once (``stamp`` invalidates the cache)."""
-    del stamp
+Probed = list[tuple[str, str, str, int]]
+MapFn = Callable[[Callable[[Path], Probed], list[Path]], Iterable[Probed]]
+_SCANS: dict[tuple[Path, ClassList, str, tuple[int, ...]], SplitFiles] = {}  # the last few scans
+_KEEP_SCANS = 8
+
+
+def _cached_scan(root: Path, classes: ClassList, on_bad: str, map_fn: MapFn = map) -> SplitFiles:
+    """:func:`_scan` once per state of the split's directories (their mtimes are the key)."""
+    key = (root, classes, on_bad, _stamp(root, classes.wnids))
+    if key not in _SCANS:
+        _SCANS[key] = _scan(root, classes, on_bad, map_fn)
+        while len(_SCANS) > _KEEP_SCANS:
+            del _SCANS[next(iter(_SCANS))]
+    return _SCANS[key]
+
+
+def _scan(root: Path, classes: ClassList, on_bad: str, map_fn: MapFn = map) -> SplitFiles:
+    """List and classify every file of a split (``map_fn`` over the class directories:
+    a process pool's ``map`` classifies them in parallel)."""
     missing = [w for w in classes.wnids if not (root / w).is_dir()]
     if missing:
         raise ConversionError(f"{root}: {len(missing)} of the {len(classes.wnids)} classes of the {classes.source} "
@@ -226,14 +246,16 @@ def _scan(root: Path, classes: ClassList, on_bad: str, stamp: tuple[int, ...]) -
     if extra:
         log.info("%s: ignoring %d directories not in the %s class list: %s", root, len(extra), classes.source,
                  ", ".join(extra[:10]) + (", ..." if len(extra) > 10 else ""))
-    kept: list[tuple[Path, int, str, int]] = []
-    bad: list[tuple[Path, Probe]] = []
-    for label, wnid in enumerate(classes.wnids):
-        for path, found, nbytes in _probe_class(root / wnid):
-            if found.kind != OK:
-                bad.append((path, found))
-            if found.kind == OK or (on_bad == "convert" and found.kind != UNREADABLE):
-                kept.append((path, label, found.kind, nbytes))
+    kept: list[tuple[str, int, str, int]] = []
+    bad: list[tuple[str, Probe]] = []
+    directories = [root / wnid for wnid in classes.wnids]
+    for label, (directory, probed) in enumerate(zip(directories, map_fn(_probe_class, directories), strict=True)):
+        for name, kind, detail, nbytes in probed:
+            path = os.path.join(directory, name)
+            if kind != OK:
+                bad.append((path, Probe(kind, detail)))
+            if kind == OK or (on_bad == "convert" and kind != UNREADABLE):
+                kept.append((path, label, kind, nbytes))
     _report(root, on_bad, bad, len(kept))
     if not kept:
         raise ConversionError(f"{root}: no images: expected *.JPEG files under <wnid>/ directories")
@@ -241,7 +263,7 @@ def _scan(root: Path, classes: ClassList, on_bad: str, stamp: tuple[int, ...]) -
                       tuple(k[2] for k in kept), sum(k[3] for k in kept))
 
 
-def _report(root: Path, on_bad: str, bad: Sequence[tuple[Path, Probe]], kept: int) -> None:
+def _report(root: Path, on_bad: str, bad: Sequence[tuple[str, Probe]], kept: int) -> None:
     """One warning per bad file and a summary; ConversionError for on_bad='error'."""
     if not bad:
         return
@@ -290,14 +312,19 @@ class ImageNet100:
                                   f"found {found}")
         return present
 
-    def files(self, src: Path, split: str) -> SplitFiles:
-        """The split's kept files, scanned and classified once per state of its directories."""
+    def files(self, src: Path, split: str, map_fn: MapFn = map) -> SplitFiles:
+        """The split's kept files, scanned and classified once per state of its directories
+        (``map_fn``: how the class directories are mapped; see :func:`_scan`)."""
         if split not in SPLITS:
             raise ConversionError(f"{src}: unknown split {split!r}; ImageNet has {list(SPLITS)}")
         root = src / split
         if not root.is_dir():
             raise ConversionError(f"{root}: split {split!r}: no such directory")
-        return _scan(root, self.classes, self.options.on_bad, _stamp(root, self.classes.wnids))
+        return _cached_scan(root, self.classes, self.options.on_bad, map_fn)
+
+    def prescan(self, src: Path, split: str, map_fn: MapFn) -> None:
+        """Scan a split with ``map_fn`` (a pool's ``map``) so that later calls find it done."""
+        self.files(src, split, map_fn)
 
     def read_schema(self, src: Path, split: str) -> DatasetSchema:
         self.files(src, split)
@@ -331,7 +358,8 @@ class ImageNet100:
         """Sample ``index``'s JPEG: the file's bytes, or re-encoded (bad files, ``resize``)."""
         path, kind = files.paths[index], files.kinds[index]
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as e:
             raise ConversionError(f"{path}: sample {index}: cannot read it ({e})") from e
         found = probe_bytes(data)
@@ -343,7 +371,7 @@ class ImageNet100:
             return data
         return self._encode(data, path, index, found)
 
-    def _encode(self, data: bytes, path: Path, index: int, found: Probe) -> bytes:
+    def _encode(self, data: bytes, path: str, index: int, found: Probe) -> bytes:
         side = self.options.resize
         target = found.size if side is None else shorter_side(found.size, side)
         try:
@@ -385,6 +413,10 @@ def read_schema(src: Path, split: str) -> DatasetSchema:
 
 def count_samples(src: Path, split: str) -> int:
     return _default().count_samples(src, split)
+
+
+def prescan(src: Path, split: str, map_fn: MapFn) -> None:
+    _default().prescan(src, split, map_fn)
 
 
 def iter_blocks(src: Path, split: str, indices: Sequence[int] | None = None) -> Iterator[SampleBlock]:

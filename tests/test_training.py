@@ -241,3 +241,15 @@ def test_training_on_a_mix_learns_every_head(tmp_path: Path) -> None:
     chance = {"note_number": 1 / 13, "note_velocity": 1 / 9, "fine": 1 / 100, "coarse": 1 / 20, "dataset": 1 / 2}
     for head, p in chance.items():
         assert metrics[f"test/{head}_acc"] > min(0.9, 3 * p), (head, metrics)
+
+
+def test_evaluate_a_mix_checkpoint_counts_each_heads_own_samples(tmp_path: Path, data_roots) -> None:
+    from training.evaluate import evaluate
+
+    sources = mix_sources(("v", data_roots["vimh"], 0.5), ("c", data_roots["cifar100mh"], 0.5))
+    common = ["experiment=mix_vimh_cifar100mh", sources, "data.image_size=32"]
+    train(config(tmp_path, *common, "trainer.max_epochs=1", "test=false"))
+    summary = evaluate(config(tmp_path, *common, f"ckpt_path={tmp_path / 'out/checkpoints/last.ckpt'}",
+                              name="eval"))
+    samples = {head: entry["samples"] for head, entry in summary["heads"].items()}
+    assert samples == {"note_number": 32, "note_velocity": 32, "fine": 48, "coarse": 48, "dataset": 80}

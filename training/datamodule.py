@@ -80,18 +80,35 @@ class MultiheadDataModule(L.LightningDataModule):
         super().__init__()
         self.sources = {"train": (train, train_split), "val": (val or train, val_split),
                         "test": (test or train, test_split)}
+        self._settings(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+                       shuffle_buffer=shuffle_buffer, drop_last=drop_last, on_error=on_error,
+                       storage_options=storage_options, cache_dir=cache_dir, with_keys=with_keys,
+                       image_size=image_size, train_transform=train_transform, eval_transform=eval_transform)
+        self.schema: DatasetSchema = read_schema(train, split=train_split, storage_options=storage_options)
+        self.input_image = self._input_image(image_size)
+
+    def _settings(self, *, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int,
+                  shuffle_buffer: int, drop_last: bool, on_error: str, storage_options: dict[str, Any] | None,
+                  cache_dir: str | None, with_keys: bool, image_size: int | None,
+                  train_transform: Transform | None, eval_transform: Transform | None) -> None:
+        """The loader settings every datamodule shares (``image_size``: default transforms)."""
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.options = {"num_workers": num_workers, "storage_options": storage_options, "cache_dir": cache_dir,
                         "on_error": on_error, "with_keys": with_keys}
         self.seed, self.shuffle_buffer, self.drop_last = seed, shuffle_buffer, drop_last
-        self.schema: DatasetSchema = read_schema(train, split=train_split, storage_options=storage_options)
-        self.input_image = self._input_image(image_size)
         if image_size is not None:
             train_transform = train_transform or default_transforms(image_size, train=True)
             eval_transform = eval_transform or default_transforms(image_size, train=False)
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self._resume: dict[str, int] | None = None
         self._train: ShardLoader | None = None
+
+    def _same_heads(self, schema: DatasetSchema, what: str) -> DatasetSchema:
+        """``schema``, whose heads must be the training data's (else SchemaError naming ``what``)."""
+        if [h.to_dict() for h in schema.heads] != [h.to_dict() for h in self.schema.heads]:
+            raise SchemaError(f"{what}: heads {list(schema.head_names)} differ from the training data's "
+                              f"{list(self.schema.head_names)}")
+        return schema
 
     def _input_image(self, image_size: int | None) -> ImageSpec:
         """What the model sees: the stored images, or ``image_size`` squares after the transforms."""
@@ -107,10 +124,7 @@ class MultiheadDataModule(L.LightningDataModule):
         """The schema of a stage's split; its heads must be the training split's."""
         source, split = self.sources[stage]
         schema = read_schema(source, split=split, storage_options=self.options["storage_options"])
-        if [h.to_dict() for h in schema.heads] != [h.to_dict() for h in self.schema.heads]:
-            raise SchemaError(f"{stage} split {split!r} of {source}: heads {list(schema.head_names)} differ "
-                              f"from the training split's {list(self.schema.head_names)}")
-        return schema
+        return self._same_heads(schema, f"{stage} split {split!r} of {source}")
 
     def train_dataloader(self) -> LightningLoader:
         source, split = self.sources["train"]

@@ -13,11 +13,10 @@ from typing import Any
 import lightning as L
 
 from pipeline.batching import Transform
-from pipeline.errors import SchemaError
 from pipeline.loader import ShardLoader
 from pipeline.mix_loader import MixSource, mix
 from pipeline.schema import DatasetSchema
-from training.datamodule import LightningLoader, MultiheadDataModule, default_transforms
+from training.datamodule import LightningLoader, MultiheadDataModule
 
 EVAL_KEYS = ("val_split", "test_split")
 
@@ -38,19 +37,13 @@ class MixDataModule(MultiheadDataModule):
         self.train_sources = [MixSource(**{k: v for k, v in s.items() if k not in EVAL_KEYS}) for s in sources]
         self.eval_splits = [{k: str(s.get(k, "test")) for k in EVAL_KEYS} for s in sources]
         self.epoch_samples = epoch_samples
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.options = {"num_workers": num_workers, "storage_options": storage_options, "cache_dir": cache_dir,
-                        "on_error": on_error, "with_keys": with_keys}
-        self.seed, self.shuffle_buffer, self.drop_last = seed, shuffle_buffer, drop_last
-        if image_size is not None:
-            train_transform = train_transform or default_transforms(image_size, train=True)
-            eval_transform = eval_transform or default_transforms(image_size, train=False)
-        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self._settings(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+                       shuffle_buffer=shuffle_buffer, drop_last=drop_last, on_error=on_error,
+                       storage_options=storage_options, cache_dir=cache_dir, with_keys=with_keys,
+                       image_size=image_size, train_transform=train_transform, eval_transform=eval_transform)
         self._train_loader = self._mix(self.train_sources, train=True)  # reads every header now
         self.schema: DatasetSchema = self._train_loader.schema
         self.input_image = self._input_image(image_size)
-        self._resume: dict[str, int] | None = None
-        self._train: ShardLoader | None = None
 
     def _mix(self, sources: Sequence[MixSource], *, train: bool) -> ShardLoader:
         return mix(sources, batch_size=self.batch_size if train else self.eval_batch_size,
@@ -66,18 +59,13 @@ class MixDataModule(MultiheadDataModule):
 
     def check_split(self, stage: str) -> DatasetSchema:
         """The union schema of a stage's splits; its heads must be the training mix's."""
-        return self._checked(self._mix(self._eval_sources(stage), train=False), stage).schema
-
-    def _checked(self, loader: ShardLoader, stage: str) -> ShardLoader:
-        heads = loader.schema.heads
-        if [h.to_dict() for h in heads] != [h.to_dict() for h in self.schema.heads]:
-            raise SchemaError(f"{stage} splits of the mix: heads {[h.name for h in heads]} differ from the "
-                              f"training mix's {list(self.schema.head_names)}")
-        return loader
+        return self._same_heads(self._mix(self._eval_sources(stage), train=False).schema, f"{stage} splits of the mix")
 
     def train_dataloader(self) -> LightningLoader:
         self._train = self._train_loader if self._train is None else self._mix(self.train_sources, train=True)
         return self._resumed(self._train)
 
     def _eval_loader(self, stage: str) -> LightningLoader:
-        return LightningLoader(self._checked(self._mix(self._eval_sources(stage), train=False), stage))
+        loader = self._mix(self._eval_sources(stage), train=False)
+        self._same_heads(loader.schema, f"{stage} splits of the mix")
+        return LightningLoader(loader)

@@ -275,15 +275,16 @@ class ShardLoader:
         with_keys = self.stream.with_keys
         mix = self.stream.config.mix
         counts = np.zeros(len(mix.targets) if mix is not None else 0, dtype=np.int64)
+        last = len(self) if mix is not None else -1
         for group in loader:
             if group.source_counts is not None:
                 counts += group.source_counts
             for fields, keys in group.batches():
                 self._done += 1
                 images = fields.pop(IMAGES)
+                if self._done == last:  # before the last batch: a trainer may stop asking after it
+                    self.realized = self._log_realized(mix, counts)  # type: ignore[arg-type]
                 yield (images, fields, keys) if with_keys else (images, fields)
-        if mix is not None:
-            self.realized = self._log_realized(mix, counts)
         self.epoch, self._resume, self._done = self.epoch + 1, 0, 0
 
     def _log_realized(self, mix: MixPlan, counts: np.ndarray) -> dict[str, int]:

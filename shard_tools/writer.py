@@ -208,10 +208,10 @@ class _HashingFile:
         self._pending_size = 0
         self.size = 0
 
-    def write(self, data: bytes | memoryview | np.ndarray) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.write_many([data])
 
-    def write_many(self, pieces: Sequence[bytes | memoryview | np.ndarray]) -> None:
+    def write_many(self, pieces: Sequence[bytes | memoryview]) -> None:
         for piece in pieces:
             view = memoryview(piece).cast("B")
             self._pending.append(view)

@@ -240,3 +240,15 @@ def test_missing_heads_do_not_change_the_loss(roots) -> None:
     again = model.losses(perturbed, labels)
     assert all(torch.equal(base[h], again[h]) for h in base)
     assert all(torch.isfinite(loss) for loss in base.values())
+
+
+def test_realized_counts_are_logged_when_a_trainer_stops_after_len_batches(roots, caplog) -> None:
+    """Lightning stops after ``len(loader)`` batches without exhausting the iterator."""
+    import itertools
+    import logging
+
+    loader = mix(sources(roots), batch_size=32, epoch_samples=1000, num_workers=0)
+    with caplog.at_level(logging.INFO, logger="pipeline.loader"):
+        list(itertools.islice(iter(loader), len(loader)))
+    assert loader.realized == {"big": 600, "mid": 300, "small": 100}
+    assert "mix epoch 0 rank 0 realized proportions: big 0.6000 (600/1000, target 0.6000)" in caplog.text

@@ -38,9 +38,9 @@ def _convert(args: argparse.Namespace) -> int:
                         shuffle=not args.no_shuffle, seed=args.seed,
                         max_samples=args.max_samples or None, max_bytes=args.max_bytes or None,
                         options={k: v for k, v in given.items() if v is not None}, workers=args.workers,
-                        num_nodes=args.num_nodes, node_rank=args.node_rank)
+                        num_nodes=args.num_nodes, node_rank=args.node_rank, work_dir=args.work_dir)
     for split, m in manifests.items():
-        print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {Path(args.out) / split}")
+        print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {args.out.rstrip('/')}/{split}")
     if args.num_nodes > 1:
         print(f"node {args.node_rank} of {args.num_nodes} done; when every node is, run: shards manifest {args.out}")
     return 0
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes that read and encode samples (the shards are the same for any number)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the conversion (see docs/conversion.md)")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0..num-nodes-1")
+    p.add_argument("--work-dir", help="OUT is a URL: build the shards here before uploading (default: under "
+                                      "~/.cache/multihead-shards; kept after a failure so a re-run resumes)")
     p.add_argument("--class-list", metavar="cmc|hjepa|FILE",
                    help="imagenet100 only: the class list (default cmc; FILE: one wnid per line, optional name)")
     p.add_argument("--resize", type=int, metavar="N", help="imagenet100 only: re-encode with shorter side N")

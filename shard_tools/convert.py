@@ -7,7 +7,7 @@ import functools
 import itertools
 import logging
 import multiprocessing
-import tempfile
+import shutil
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from pipeline.labels import LabelEncoder
 from pipeline.manifest import Manifest
 from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
 from shard_tools.converters import SampleBlock, get_format
-from shard_tools.remote_out import is_remote_output, upload_split
+from shard_tools.remote_out import default_work_dir, is_remote_output, upload_split
 from shard_tools.staging import resume_key, source_fingerprint
 from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, Member, Rows, ShardWriter
 
@@ -179,7 +179,8 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
             max_samples: int | None = DEFAULT_MAX_SAMPLES,
             max_bytes: int | None = DEFAULT_MAX_BYTES,
             options: Mapping[str, Any] | None = None, workers: int = 1, num_nodes: int = 1,
-            node_rank: int = 0, storage_options: dict[str, Any] | None = None) -> dict[str, Manifest]:
+            node_rank: int = 0, storage_options: dict[str, Any] | None = None,
+            work_dir: str | Path | None = None) -> dict[str, Manifest]:
     """Convert every split (or the named ones) of a source dataset into shards under ``out``.
     ``options`` configure the source format (see :class:`SourceFormat`; most take none);
     ``workers`` processes read, check and encode samples, and the shards come out the same
@@ -194,16 +195,19 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     shards and a node manifest (see :mod:`shard_tools.nodes`); it returns no manifests.
 
     ``out`` may be an object-store URL (``s3://bucket/prefix``, with ``storage_options``):
-    the shards are made in a local temporary directory, then uploaded split by split with
-    each manifest last (see :mod:`shard_tools.remote_out`)."""
+    the shards are made in a local ``work_dir`` (default: one per URL under the user's
+    cache directory), then uploaded split by split with each manifest last; an interrupted
+    run resumes both (see :mod:`shard_tools.remote_out`)."""
     if is_remote_output(out):
         if num_nodes > 1:
             raise ConversionError(f"{out}: multi-node conversion writes to a shared directory, not a URL")
-        with tempfile.TemporaryDirectory(prefix="shards-") as work:
-            manifests = convert(format_name, src, work, splits=splits, shuffle=shuffle, seed=seed,
-                                max_samples=max_samples, max_bytes=max_bytes, options=options, workers=workers)
-            for split, manifest in manifests.items():
-                upload_split(Path(work) / split, f"{str(out).rstrip('/')}/{split}", manifest, storage_options)
+        work = Path(work_dir) if work_dir is not None else default_work_dir(str(out))
+        log.info("%s: building the shards in %s before uploading them", out, work)
+        manifests = convert(format_name, src, work, splits=splits, shuffle=shuffle, seed=seed,
+                            max_samples=max_samples, max_bytes=max_bytes, options=options, workers=workers)
+        for split, manifest in manifests.items():
+            upload_split(work / split, f"{str(out).rstrip('/')}/{split}", manifest, storage_options)
+        shutil.rmtree(work, ignore_errors=True)
         return manifests
     if workers < 1:
         raise ConversionError(f"workers: expected >= 1, found {workers}")

@@ -17,6 +17,12 @@ from shard_tools.convert import convert
 from shard_tools.validate import validate
 
 
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path: Path, monkeypatch) -> None:
+    """Conversions to S3 build their shards under $XDG_CACHE_HOME: keep that in tmp_path."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def bucket(tmp_path: Path, vimh_source, s3_options: dict) -> tuple[str, Path]:
     """Converted shards uploaded to a fresh bucket; returns (s3 root URL, local root)."""
@@ -108,6 +114,47 @@ def test_failed_upload_leaves_no_manifest(tmp_path: Path, vimh_source, s3_option
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(ConversionError, match=r"/train: upload failed \(connection reset by peer\); no manifest"):
         convert("vimh", vimh_source(), f"s3://{name}/vimh", max_samples=16, storage_options=s3_options)
+    assert list((tmp_path / "cache" / "multihead-shards" / "convert").glob("*/train/manifest.json"))  # kept
     fs = s3fs.S3FileSystem(**s3_options)
     fs.invalidate_cache()
     assert not fs.glob(f"{name}/vimh/*/manifest.json") and not fs.glob(f"{name}/vimh/*/*.tar")
+
+
+def test_interrupted_upload_resumes_with_the_missing_shards(tmp_path: Path, vimh_source, s3_options: dict,
+                                                            monkeypatch) -> None:
+    from pipeline.errors import ConversionError
+
+    name = f"out{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
+    src, work, url = vimh_source(), tmp_path / "work", f"s3://{name}/vimh"
+    real_put = s3fs.S3FileSystem._put_file
+    puts: list[str] = []
+
+    async def counted_put(self, lpath, rpath, *args, **kwargs):  # type: ignore[no-untyped-def]
+        puts.append(Path(rpath).name)
+        if fail_after is not None and len(puts) > fail_after:
+            raise ConnectionResetError("connection reset by peer")
+        return await real_put(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", counted_put)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fail_after: int | None = 2  # train has 3 shards of 16, 16, 8: the third upload fails
+    with pytest.raises(ConversionError, match=r"upload failed \(connection reset by peer\); no manifest was "
+                                              r"written there, and running the same conversion again uploads"):
+        convert("vimh", src, url, max_samples=16, storage_options=s3_options, work_dir=work)
+    assert (work / "train" / "manifest.json").exists()  # kept for the re-run
+    fail_after, puts[:] = None, []
+    s3fs.S3FileSystem.clear_instance_cache()
+    manifests = convert("vimh", src, url, max_samples=16, storage_options=s3_options, work_dir=work)
+    assert puts == ["test-000000.tar", "manifest.json", "train-000002.tar", "manifest.json"] or \
+        puts == ["train-000002.tar", "manifest.json", "test-000000.tar", "manifest.json"]
+    assert not work.exists()
+    local = convert("vimh", src, tmp_path / "local", max_samples=16)
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.invalidate_cache()
+    for split, manifest in local.items():
+        assert manifests[split] == manifest
+        for shard in manifest.shards:
+            assert fs.cat(f"{name}/vimh/{split}/{shard.name}") == (tmp_path / "local" / split / shard.name).read_bytes()
+    assert not fs.glob(f"{name}/vimh/*/.staging/*")

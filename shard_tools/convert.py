@@ -222,7 +222,8 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
         samples = check_node_settings(num_nodes, node_rank, max_samples, max_bytes)
         for split in wanted:
             convert_share(Source(format_name, dict(options) if options else None, src, split), out,
-                          num_nodes=num_nodes, node_rank=node_rank, max_samples=samples, shuffle=shuffle, seed=seed)
+                          num_nodes=num_nodes, node_rank=node_rank, max_samples=samples, shuffle=shuffle, seed=seed,
+                          workers=workers)
         return {}
     staged: list[Any] = []  # ShardWriter or parallel.StagedSplit: both publish() and abort()
     try:

@@ -10,17 +10,22 @@ byte-identical to a one-machine conversion with the same settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import multiprocessing
 from pathlib import Path
 
 from pipeline.errors import ConversionError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
-from shard_tools.convert import Source, prepare_blocks, split_plan
-from shard_tools.staging import write_atomic
-from shard_tools.writer import ShardWriter
+from shard_tools.convert import Source, split_plan, staging_source
+from shard_tools.parallel import write_shard_job
+from shard_tools.staging import file_sha256, resume_key, write_atomic
 
+log = logging.getLogger(__name__)
 NODE_MANIFEST = "manifest.node-{rank}-of-{nodes}.json"
+NODE_PROGRESS = ".progress.node-{rank}-of-{nodes}.json"  # shards finished so far, for a re-run
 
 
 def node_shards(count: int, max_samples: int, num_nodes: int, node_rank: int) -> list[int]:
@@ -29,25 +34,50 @@ def node_shards(count: int, max_samples: int, num_nodes: int, node_rank: int) ->
 
 
 def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, max_samples: int,
-                  shuffle: bool, seed: int) -> list[ShardInfo]:
-    """Write this node's shards of one split into ``out/<split>/`` and its node manifest."""
+                  shuffle: bool, seed: int, workers: int = 1) -> list[ShardInfo]:
+    """Write this node's shards of one split into ``out/<split>/`` (``workers`` processes,
+    each writing whole shards) and its node manifest. Shards a killed run of the same
+    share finished, and that still hash to what it recorded, are kept."""
     schema, order = split_plan(source, shuffle=shuffle, seed=seed)
-    written = []
-    for i in node_shards(len(order), max_samples, num_nodes, node_rank):
-        writer = ShardWriter(out / source.split, schema, max_samples=max_samples, max_bytes=None,
-                             publish_on_exit=False, first_index=i, staging_dir=f".staging-node-{node_rank}")
-        with writer:
-            samples = order[i * max_samples:(i + 1) * max_samples]
-            for keys, members, columns, _ in prepare_blocks(source, schema, samples):
-                writer.write_block(keys, members, columns)
-        written += writer.move_shards()
+    split_dir = out / source.split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    progress = split_dir / NODE_PROGRESS.format(rank=node_rank, nodes=num_nodes)
+    key = resume_key(schema, order, staging_source(source), (max_samples, num_nodes))
+    done = _sound_shards(progress, key, split_dir)
+    if done:
+        log.info("%s: node %d keeps %d sound shard(s) of an interrupted run", split_dir, node_rank, len(done))
+    mine = node_shards(len(order), max_samples, num_nodes, node_rank)
+    jobs = [(source, schema, i, order[i * max_samples:(i + 1) * max_samples], split_dir)
+            for i in mine if f"{source.split}-{i:06d}.tar" not in done]
+    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for info in (pool.imap_unordered(write_shard_job, jobs) if pool is not None else map(write_shard_job, jobs)):
+            done[info.name] = info  # recorded as each shard lands: a kill loses only shards in flight
+            write_atomic(progress, json.dumps({"key": key, "shards": [vars(s) for s in done.values()]}))
+    written = [done[f"{source.split}-{i:06d}.tar"] for i in mine]
     planned = -(-len(order) // max_samples)
-    (out / source.split).mkdir(parents=True, exist_ok=True)
     node = {"schema": schema.to_dict(), "num_nodes": num_nodes, "node_rank": node_rank,
             "planned_shards": planned, "shards": [vars(s) for s in written]}
-    write_atomic(out / source.split / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
+    write_atomic(split_dir / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
                 json.dumps(node, sort_keys=True, indent=2) + "\n")
+    progress.unlink(missing_ok=True)
     return written
+
+
+def _sound_shards(progress: Path, key: str, split_dir: Path) -> dict[str, ShardInfo]:
+    """Shards an interrupted run of the same node share recorded, whose files still hash to
+    what was recorded (any other record, or none, keeps nothing)."""
+    try:
+        data = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.get("key") != key:
+        return {}
+    kept = {}
+    for entry in data.get("shards", []):
+        info, path = ShardInfo(**entry), split_dir / entry["name"]
+        if path.is_file() and path.stat().st_size == info.bytes and file_sha256(path) == info.sha256:
+            kept[info.name] = info
+    return kept
 
 
 def merge_manifests(out: str | Path) -> dict[str, Manifest]:

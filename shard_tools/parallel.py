@@ -49,7 +49,8 @@ def _write_shard(source: Source, schema: DatasetSchema, index: int, samples: lis
     return writer.move_shards()[0]
 
 
-def _write_shard_of(job: tuple[Source, DatasetSchema, int, list[int], Path]) -> ShardInfo:
+def write_shard_job(job: tuple[Source, DatasetSchema, int, list[int], Path]) -> ShardInfo:
+    """Write shard ``index`` (the given samples) into ``out_dir``; one job of a worker pool."""
     return _write_shard(*job)
 
 
@@ -65,7 +66,7 @@ def stage_split_parallel(source: Source, out: Path, *, shuffle: bool, seed: int,
     todo = [(source, schema, i, order[i * max_samples:(i + 1) * max_samples], staged.staging_dir)
             for i, name in enumerate(names) if name not in done]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for info in pool.imap_unordered(_write_shard_of, todo):
+        for info in pool.imap_unordered(write_shard_job, todo):
             done[info.name] = info  # recorded as each shard lands, so a kill loses only shards in flight
             staging.record(staged.staging_dir, key, [done[n] for n in names if n in done])
     staged.shards = [done[name] for name in names]

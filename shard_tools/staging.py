@@ -77,7 +77,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -99,7 +99,7 @@ def resume(staging: Path, key: str, prefix: bool = True) -> list[ShardInfo]:
         for entry in data.get("shards", []):
             info = ShardInfo(**entry)
             path = staging / info.name
-            if not path.is_file() or path.stat().st_size != info.bytes or _sha256(path) != info.sha256:
+            if not path.is_file() or path.stat().st_size != info.bytes or file_sha256(path) != info.sha256:
                 log.warning("%s: not as recorded; written again%s", path, " with the shards after it" if prefix else "")
                 if prefix:
                     break

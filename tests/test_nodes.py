@@ -58,3 +58,32 @@ def test_node_settings_are_checked(tmp_path: Path, source: Path) -> None:
         convert("vimh", source, tmp_path / "o", max_samples=40, max_bytes=100, num_nodes=2, node_rank=0)
     with pytest.raises(ConversionError, match=r"no node manifests"):
         merge_manifests(tmp_path)
+
+
+def test_interrupted_node_share_keeps_its_sound_shards(tmp_path: Path, source: Path, monkeypatch) -> None:
+    import shard_tools.parallel as parallel
+
+    real, calls = parallel.prepare_blocks, []
+
+    def counted(src, schema, samples):  # type: ignore[no-untyped-def]
+        calls.append(len(samples))
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt  # a killed node: Ctrl-C or SIGTERM mid-shard
+        return real(src, schema, samples)
+
+    monkeypatch.setattr(parallel, "prepare_blocks", counted)
+    out = tmp_path / "o"
+    interrupt_at: int | None = 3  # node 0 of 2 writes train shards 0, 2, 4, 6: the third is cut short
+    with pytest.raises(KeyboardInterrupt):
+        convert("vimh", source, out, max_samples=40, max_bytes=None, num_nodes=2, node_rank=0)
+    first = (out / "train" / "train-000000.tar").stat().st_mtime_ns
+    (out / "train" / "train-000002.tar").write_bytes(b"damaged")  # not as recorded: written again
+    interrupt_at, calls[:] = None, []
+    convert("vimh", source, out, max_samples=40, max_bytes=None, num_nodes=2, node_rank=0)
+    assert len(calls) == 3 + 1  # train shards 2 (damaged), 4, 6; test shard 0 (that split had not started)
+    assert (out / "train" / "train-000000.tar").stat().st_mtime_ns == first
+    assert not list((out / "train").glob(".progress.*"))
+    convert("vimh", source, out, max_samples=40, max_bytes=None, num_nodes=2, node_rank=1, workers=2)
+    merge_manifests(out)
+    convert("vimh", source, tmp_path / "single", max_samples=40, max_bytes=None)
+    assert digests(out) == digests(tmp_path / "single")

@@ -171,6 +171,10 @@ class PackedGroup:
     parts: list[tuple[int, int, tuple[Field, ...], list[str]]]
     source_counts: np.ndarray | None = None  # a mix: samples per source in these batches
 
+    def pin_memory(self) -> PackedGroup:
+        """The group in page-locked memory (``DataLoader(pin_memory=True)`` calls this)."""
+        return PackedGroup(self.buffer.pin_memory(), self.parts, self.source_counts)
+
     def batches(self) -> list[tuple[dict[str, torch.Tensor], list[str]]]:
         """Each batch's fields as typed views, with its keys."""
         return [(unpack(self.buffer[offset:offset + size], fields), keys) for offset, size, fields, keys in self.parts]

@@ -86,13 +86,13 @@ class _ShardCache:
             if mix is not None else [False]
         self.headers = [header_bytes(schema) for schema in self.schemas]
         self.shards: dict[int, DecodedShard] = {}
-        self.kept: dict[str, DecodedShard] = {}
+        self.kept: dict[tuple[int, str], DecodedShard] = {}  # by (source, url): two sources may share files
         self.kept_bytes = 0
 
     def get(self, url: str, source: int = 0) -> DecodedShard:
         shard = self.shards.get(source)
         if shard is None or shard.index.url != url:
-            shard = self.kept.get(url) or self._load(url, source)
+            shard = self.kept.get((source, url)) or self._load(url, source)
             self.shards[source] = shard
         return shard
 
@@ -107,18 +107,28 @@ class _ShardCache:
         if self.head_map is not None:
             shard = to_union(shard, c.schema, self.head_map)
         if self.cycled[source] and self.kept_bytes + len(data) <= KEEP_BYTES:
-            self.kept[url] = shard
+            self.kept[(source, url)] = shard
             self.kept_bytes += len(data)
         return shard
 
 
 def _slice_positions(piece: Slice, shard: DecodedShard, config: StreamConfig) -> np.ndarray:
-    """Sample positions of one slice (as many as the shard has, in ``skip`` mode)."""
+    """Sample positions of one slice. In ``skip`` mode, samples known to be bad are left
+    out and the slice's other samples repeated in their place, so each source keeps its
+    count (a slice with no good sample left is empty: the window fills it)."""
     have = len(shard.index)
     if have < piece.stop and config.on_error == "raise":
         raise ShardFormatError(f"{piece.url}: expected at least {piece.stop} samples (from the manifest), "
                                f"found {have}")
-    return np.arange(piece.start, min(piece.stop, have))
+    positions = np.arange(piece.start, min(piece.stop, have))
+    if config.on_error == "skip" and shard.problems:
+        positions = positions[~np.isin(positions, np.fromiter(shard.problems, dtype=np.int64))]
+    if len(positions) < len(piece):
+        bad = sorted(i for i in shard.problems if piece.start <= i < piece.stop)
+        reason = f"{shard.index.keys[bad[0]]}.{shard.problems[bad[0]]}" if bad else "not in the shard"
+        log.warning("%s: skipped %d bad sample(s) of samples %d..%d (first: %s); repeating others to keep the "
+                    "epoch exact", piece.url, len(piece) - len(positions), piece.start, piece.stop - 1, reason)
+    return np.resize(positions, len(piece)) if 0 < len(positions) < len(piece) else positions
 
 
 def _windows(slices: Sequence[Slice], size: int, planned: Sequence[int] | None = None) -> list[list[Slice]]:
@@ -300,13 +310,16 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         c = self.stream.config
         return {"epoch": self.epoch, "batches_done": self._done, "seed": c.seed, "batch_size": c.batch_size,
-                "world_size": c.world_size, "num_workers": max(1, c.num_workers), "group": c.group,
+                "world_size": c.world_size, "rank": c.rank, "num_workers": max(1, c.num_workers), "group": c.group,
+                "shuffle": c.shuffle, "shuffle_buffer": c.shuffle_buffer, "drop_last": c.drop_last,
+                "mix_sources": list(c.mix.names) if c.mix is not None else None,
                 "num_samples": sum(len(s) for s in c.shards),
                 "mix_targets": list(c.mix.targets) if c.mix is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("seed", "batch_size", "world_size", "num_workers", "group", "num_samples", "mix_targets"):
+        for key in ("seed", "batch_size", "world_size", "rank", "num_workers", "group", "shuffle", "shuffle_buffer",
+                    "drop_last", "num_samples", "mix_sources", "mix_targets"):
             if state.get(key) != mine[key]:
                 raise PipelineError(f"loader state: {key} expected {mine[key]!r} (this loader), found "
                                     f"{state.get(key)!r}; resume needs the same data and loader settings")

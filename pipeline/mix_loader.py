@@ -19,7 +19,7 @@ from pipeline.batching import Transform
 from pipeline.errors import PipelineError
 from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_world
 from pipeline.mixing import MixPlan, apportion
-from pipeline.planning import Slice
+from pipeline.planning import UNEVEN_POLICIES, Slice
 from pipeline.sources import resolve_shards
 from pipeline.union import DATASET_HEAD, source_name, union_schema
 
@@ -59,16 +59,20 @@ def _fixed_count(source: MixSource, size: int) -> int | None:
     if source.choose is not None:
         return source.choose
     if source.repeat is not None or source.weight is None:
-        return round((1.0 if source.repeat is None else source.repeat) * size)
+        return math.floor((1.0 if source.repeat is None else source.repeat) * size + 0.5)  # halves round up
     return None
 
 
 def epoch_targets(sizes: Sequence[int], sources: Sequence[MixSource], epoch_samples: int | None = None,
-                  unit: int = 1) -> list[int]:
-    """Samples per epoch from each source: ``choose`` or ``repeat * size`` where given, and
-    the rest of ``epoch_samples`` (default: all sources' sizes summed) split by ``weight``
-    (largest remainder). The total is then rounded down to a multiple of ``unit`` (ranks,
-    times the batch size with ``drop_last``), keeping the proportions (largest remainder)."""
+                  unit: int = 1, uneven: str = "drop") -> list[int]:
+    """Samples per epoch from each source: ``choose`` or ``repeat * size`` (halves rounded
+    up) where given, and the rest of ``epoch_samples`` (default: all sources' sizes summed)
+    split by ``weight`` (largest remainder). The total is then rounded to a multiple of
+    ``unit`` (ranks, times the batch size with ``drop_last``), keeping the proportions
+    (largest remainder): down with ``uneven="drop"``, up with ``"pad"`` (then no source
+    gets fewer samples than asked, so an evaluation sees every sample)."""
+    if uneven not in UNEVEN_POLICIES:
+        raise PipelineError(f"uneven: expected one of {UNEVEN_POLICIES}, found {uneven!r}")
     counts = [_fixed_count(s, n) for s, n in zip(sources, sizes, strict=True)]
     weighted = [k for k, c in enumerate(counts) if c is None]
     if weighted:
@@ -77,7 +81,11 @@ def epoch_targets(sizes: Sequence[int], sources: Sequence[MixSource], epoch_samp
         if rest < 0:
             raise PipelineError(f"mix: choose/repeat sources take {total - rest} samples, more than the epoch's "
                                 f"{total}; raise epoch_samples")
-        for k, share in zip(weighted, apportion(rest, [sources[k].weight or 0.0 for k in weighted]), strict=True):
+        weights = [sources[k].weight or 0.0 for k in weighted]
+        if rest and not sum(weights):
+            raise PipelineError(f"mix: {rest} samples of the epoch are left for the weighted sources, but their "
+                                "weights are all 0")
+        for k, share in zip(weighted, apportion(rest, weights) if rest else [0] * len(weighted), strict=True):
             counts[k] = share
     fixed = [int(c or 0) for c in counts]
     if not weighted and epoch_samples is not None and epoch_samples != sum(fixed):
@@ -85,9 +93,10 @@ def epoch_targets(sizes: Sequence[int], sources: Sequence[MixSource], epoch_samp
                             f"{sum(fixed)}; drop epoch_samples or give some sources a weight")
     total = sum(fixed)
     if total % unit:
-        log.info("mix: %d samples per epoch rounded down to %d, a multiple of %d (ranks x batch size)",
-                 total, total - total % unit, unit)
-        fixed = apportion(total - total % unit, fixed) if total >= unit else [0] * len(fixed)
+        rounded = total - total % unit + (unit if uneven == "pad" else 0)
+        log.info("mix: %d samples per epoch rounded %s to %d, a multiple of %d (ranks x batch size)",
+                 total, "up" if uneven == "pad" else "down", rounded, unit)
+        fixed = apportion(rounded, fixed) if rounded else [0] * len(fixed)
     if sum(fixed) == 0:
         raise PipelineError(f"mix: the epoch has no samples (targets {fixed}; need at least {unit})")
     return fixed
@@ -98,12 +107,14 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
         shuffle_buffer: int = 4096, world_size: int | None = None, rank: int | None = None,
         drop_last: bool = False, on_error: str = "raise", storage_options: dict[str, Any] | None = None,
         cache_dir: str | None = None, retries: int = 3, with_keys: bool = False, prefetch_factor: int = 2,
-        pin_memory: bool = False, dataset_head: str = DATASET_HEAD) -> ShardLoader:
+        pin_memory: bool = False, dataset_head: str = DATASET_HEAD, uneven: str = "drop") -> ShardLoader:
     """A loader over several sources whose per-epoch counts are exact (see
     :func:`epoch_targets`), on every rank and every worker alike. Labels follow the union
     schema (``loader.schema``): heads a sample's source lacks are class ``-1`` (value NaN),
     and ``labels[dataset_head]`` says which source it came from. Sources whose image specs
-    differ need ``transform`` to give every image one size. Other arguments as ``make_loader``."""
+    differ need ``transform`` to give every image one size. ``uneven``: how an epoch that
+    does not split evenly across ranks is rounded (see :func:`epoch_targets`). Other
+    arguments as ``make_loader``."""
     specs = [s if isinstance(s, MixSource) else MixSource(**s) for s in sources]
     if not specs or batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
         raise PipelineError(f"mix: expected sources, batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1; "
@@ -124,7 +135,7 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
                                    dataset_head=dataset_head)
     unit = world_size * (batch_size if drop_last else 1)
     sizes = [sum(len(s) for s in shards) for shards in shard_lists]
-    targets = epoch_targets(sizes, specs, epoch_samples, unit)
+    targets = epoch_targets(sizes, specs, epoch_samples, unit, uneven)
     empty = [f"{name} ({spec.source})" for name, spec, size, target in zip(names, specs, sizes, targets, strict=True)
              if target and not size]
     if empty:

@@ -252,3 +252,66 @@ def test_realized_counts_are_logged_when_a_trainer_stops_after_len_batches(roots
         list(itertools.islice(iter(loader), len(loader)))
     assert loader.realized == {"big": 600, "mid": 300, "small": 100}
     assert "mix epoch 0 rank 0 realized proportions: big 0.6000 (600/1000, target 0.6000)" in caplog.text
+
+
+def test_two_sources_over_the_same_shards_keep_their_own_counts(roots) -> None:
+    loader = mix([MixSource(str(roots["small"]), choose=100, name="a1"),
+                  MixSource(str(roots["small"]), choose=20, name="a2")], batch_size=16, num_workers=0)
+    counts = collections.Counter(int(s) for _, labels in loader for s in labels["dataset"].tolist())
+    assert counts == {0: 100, 1: 20} and loader.realized == {"a1": 100, "a2": 20}
+
+
+def test_pad_gives_every_sample_at_least_once_on_every_rank_split(roots) -> None:
+    """Evaluation: 240 + 40 samples over 3 ranks pad up to 282 instead of dropping 1."""
+    specs = [MixSource(str(roots["mid"]), name="mid"), MixSource(str(roots["small"]), name="small")]
+    shares = [epoch(mix(specs, batch_size=16, num_workers=0, shuffle=False, world_size=3, rank=r, uneven="pad",
+                        with_keys=True)) for r in range(3)]
+    assert [len(s) for s in shares] == [94, 94, 94]
+    seen = collections.Counter(sample for share in shares for sample in share)
+    assert len(seen) == 280 and sum(seen.values()) == 282
+
+
+def test_zero_weights(roots) -> None:
+    specs = [MixSource(str(roots["mid"]), choose=20, name="mid"), MixSource(str(roots["small"]), weight=0, name="s")]
+    loader = mix(specs, batch_size=8, epoch_samples=20, num_workers=0)
+    assert loader.stream.config.mix.targets == (20, 0)
+    with pytest.raises(PipelineError, match=r"mix: 30 samples of the epoch are left for the weighted sources, but "
+                                            r"their weights are all 0"):
+        mix(specs, batch_size=8, epoch_samples=50, num_workers=0)
+
+
+def test_skip_mode_keeps_each_sources_count_when_a_shard_is_short(roots, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(roots["mid"], short)
+    os.truncate(short / "train" / "train-000001.tar", 20_000)  # the manifest says 64 samples; a few remain
+    specs = [MixSource(str(short), weight=0.5, name="short"), MixSource(str(roots["small"]), weight=0.5, name="s")]
+    for workers in (0, 2):
+        loader = mix(specs, batch_size=8, epoch_samples=400, num_workers=workers, on_error="skip")
+        counts = collections.Counter(int(s) for _, labels in loader for s in labels["dataset"].tolist())
+        assert counts == {0: 200, 1: 200}
+
+
+def test_datamodule_plans_for_the_process_group_that_fit_starts(roots, monkeypatch) -> None:
+    """The datamodule is built before Lightning starts DDP; its train loader must not keep
+    the single-process plan."""
+    import pipeline.mix_loader
+    import training.mix_datamodule
+    from training.mix_datamodule import MixDataModule
+
+    module = MixDataModule([{"source": str(roots["mid"]), "weight": 0.5, "name": "mid"},
+                            {"source": str(roots["small"]), "weight": 0.5, "name": "small"}],
+                           epoch_samples=200, batch_size=10, num_workers=0)
+    for where in (training.mix_datamodule, pipeline.mix_loader):
+        monkeypatch.setattr(where, "default_world", lambda: (2, 1))
+    config = module.train_dataloader().loader.stream.config
+    assert (config.world_size, config.rank) == (2, 1) and len(module.train_dataloader()) == 10
+
+
+def test_resume_refuses_other_settings(roots) -> None:
+    first = mix(sources(roots), batch_size=32, epoch_samples=1000, num_workers=0, shuffle_buffer=256)
+    other = mix(sources(roots), batch_size=32, epoch_samples=1000, num_workers=0, shuffle_buffer=512)
+    with pytest.raises(PipelineError, match=r"loader state: shuffle_buffer expected 512 \(this loader\), found 256"):
+        other.load_state_dict(first.state_dict())

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 
 from pipeline.batching import Transform
-from pipeline.loader import ShardLoader
+from pipeline.loader import ShardLoader, default_world
 from pipeline.mix_loader import MixSource, mix
 from pipeline.schema import DatasetSchema
 from training.datamodule import LightningLoader, MultiheadDataModule
@@ -41,13 +41,15 @@ class MixDataModule(MultiheadDataModule):
                        shuffle_buffer=shuffle_buffer, drop_last=drop_last, on_error=on_error,
                        storage_options=storage_options, cache_dir=cache_dir, with_keys=with_keys,
                        image_size=image_size, train_transform=train_transform, eval_transform=eval_transform)
-        self._train_loader = self._mix(self.train_sources, train=True)  # reads every header now
-        self.schema: DatasetSchema = self._train_loader.schema
+        loader = self._mix(self.train_sources, train=True)  # reads every header now
+        self._train_loader: ShardLoader | None = loader
+        self.schema: DatasetSchema = loader.schema
         self.input_image = self._input_image(image_size)
 
     def _mix(self, sources: Sequence[MixSource], *, train: bool) -> ShardLoader:
         return mix(sources, batch_size=self.batch_size if train else self.eval_batch_size,
                    epoch_samples=self.epoch_samples if train else None, shuffle=train, seed=self.seed,
+                   uneven="drop" if train else "pad",
                    shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last and train,
                    transform=self.train_transform if train else self.eval_transform, **self.options)
 
@@ -62,8 +64,14 @@ class MixDataModule(MultiheadDataModule):
         return self._same_heads(self._mix(self._eval_sources(stage), train=False).schema, f"{stage} splits of the mix")
 
     def train_dataloader(self) -> LightningLoader:
-        self._train = self._train_loader if self._train is None else self._mix(self.train_sources, train=True)
-        return self._resumed(self._train)
+        """The train mix, planned for the process group as it is now: the loader built with
+        the datamodule (before ``fit`` started DDP) is reused only if the world is the same."""
+        built, self._train_loader = self._train_loader, None
+        config = built.stream.config if built is not None else None
+        if config is None or (config.world_size, config.rank) != default_world():
+            built = self._mix(self.train_sources, train=True)
+        self._train = built
+        return self._resumed(built)
 
     def _eval_loader(self, stage: str) -> LightningLoader:
         loader = self._mix(self._eval_sources(stage), train=False)

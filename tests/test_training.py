@@ -253,3 +253,18 @@ def test_evaluate_a_mix_checkpoint_counts_each_heads_own_samples(tmp_path: Path,
                               name="eval"))
     samples = {head: entry["samples"] for head, entry in summary["heads"].items()}
     assert samples == {"note_number": 32, "note_velocity": 32, "fine": 48, "coarse": 48, "dataset": 80}
+
+
+def test_ddp_training_on_a_mix_splits_every_source_across_ranks(tmp_path: Path, data_roots) -> None:
+    """The mix datamodule is built before Lightning starts DDP: each rank must still read
+    its own half of every source (vimh 64 and cifar100mh 48 train samples, 50/50)."""
+    sources = mix_sources(("v", data_roots["vimh"], 0.5), ("c", data_roots["cifar100mh"], 0.5))
+    done = subprocess.run([sys.executable, "-m", "training.train", "experiment=mix_vimh_cifar100mh", "trainer=ddp",
+                           sources, "data.image_size=32", "trainer.max_epochs=1", "test=false",
+                           "data.num_workers=0", "data.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.log_dir={tmp_path / 'logs'}"],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"mix epoch 0 rank {rank} realized proportions: v 0.5000 (28/56, target 0.5000), c 0.5000 (28/56" in out

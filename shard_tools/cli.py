@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes that read and encode samples (the shards are the same for any number)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the conversion (see docs/conversion.md)")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0..num-nodes-1")
-    p.add_argument("--work-dir", help="OUT is a URL: build the shards here before uploading (default: under "
-                                      "~/.cache/multihead-shards; kept after a failure so a re-run resumes)")
+    p.add_argument("--work-dir", help="OUT is a URL: build the shards in a subdirectory of this before "
+                                      "uploading (default: ~/.cache/multihead-shards/convert; kept after a "
+                                      "failure so a re-run resumes)")
     p.add_argument("--class-list", metavar="cmc|hjepa|FILE",
                    help="imagenet100 only: the class list (default cmc; FILE: one wnid per line, optional name)")
     p.add_argument("--resize", type=int, metavar="N", help="imagenet100 only: re-encode with shorter side N")

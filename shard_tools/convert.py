@@ -7,7 +7,6 @@ import functools
 import itertools
 import logging
 import multiprocessing
-import shutil
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pipeline.labels import LabelEncoder
 from pipeline.manifest import Manifest
 from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
 from shard_tools.converters import SampleBlock, get_format
-from shard_tools.remote_out import default_work_dir, is_remote_output, upload_split
+from shard_tools.remote_out import convert_remote, is_remote_output
 from shard_tools.staging import resume_key, source_fingerprint
 from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, Member, Rows, ShardWriter
 
@@ -169,6 +168,12 @@ def prescan(source: Source, workers: int) -> None:
             scan(source.src, source.split, functools.partial(pool.map, chunksize=4))
 
 
+def conversion_key(source: Source, *, shuffle: bool, seed: int, limits: tuple[int | None, int | None]) -> str:
+    """What a split's shards depend on, as one hash (the resume key of its staging)."""
+    schema, order = split_plan(source, shuffle=shuffle, seed=seed)
+    return resume_key(schema, order, staging_source(source), limits)
+
+
 def staging_source(source: Source) -> str:
     """The source as a resume key sees it: format, options and every file's size and time."""
     return f"{source.format_name}\0{sorted((source.options or {}).items())}\0{source_fingerprint(source.src)}"
@@ -201,14 +206,11 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     if is_remote_output(out):
         if num_nodes > 1:
             raise ConversionError(f"{out}: multi-node conversion writes to a shared directory, not a URL")
-        work = Path(work_dir) if work_dir is not None else default_work_dir(str(out))
-        log.info("%s: building the shards in %s before uploading them", out, work)
-        manifests = convert(format_name, src, work, splits=splits, shuffle=shuffle, seed=seed,
-                            max_samples=max_samples, max_bytes=max_bytes, options=options, workers=workers)
-        for split, manifest in manifests.items():
-            upload_split(work / split, f"{str(out).rstrip('/')}/{split}", manifest, storage_options)
-        shutil.rmtree(work, ignore_errors=True)
-        return manifests
+        return convert_remote(format_name, src, str(out), splits=splits, work_dir=work_dir,
+                              storage_options=storage_options, shuffle=shuffle, seed=seed, max_samples=max_samples,
+                              max_bytes=max_bytes, options=options, workers=workers)
+    if work_dir is not None:
+        raise ConversionError(f"work_dir: only used when OUT is a URL; {out} is a local directory")
     if workers < 1:
         raise ConversionError(f"workers: expected >= 1, found {workers}")
     fmt, src, out = get_format(format_name, options), Path(src), Path(out)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import shutil
 from pathlib import Path
 
 from pipeline.errors import ConversionError
@@ -99,8 +100,10 @@ def merge_manifests(out: str | Path) -> dict[str, Manifest]:
         raise ConversionError("; ".join(problems))
     for split_dir, manifest in merged.items():
         write_atomic(split_dir / MANIFEST_NAME, manifest.to_json())
-        for path in split_dir.glob("manifest.node-*-of-*.json"):
+        for path in [*split_dir.glob("manifest.node-*-of-*.json"), *split_dir.glob(".progress.node-*-of-*.json")]:
             path.unlink()
+        for leftover in split_dir.glob(".worker-*"):  # staging of shards a killed node had in flight
+            shutil.rmtree(leftover, ignore_errors=True)
     return {split_dir.name: manifest for split_dir, manifest in merged.items()}
 
 

@@ -2,16 +2,18 @@
 
 The shards are made in a local work directory exactly as for a local ``OUT`` (so every
 guarantee of the local writer holds, resume included), then uploaded split by split:
-shards first under ``<split>/.staging/``, then copied to their names (a server-side copy on
-S3), then the manifest last, then the staging objects deleted. A split therefore has a
-manifest only once all its shards are in place, and a failed upload leaves nothing but
-``.staging`` objects, which no reader lists.
+shards first under ``<split>/.staging/<manifest key>/``, then copied to their names (a
+server-side copy on S3), then the manifest last, then the staging objects deleted. A split
+therefore has a manifest only once all its shards are in place, and a failed upload leaves
+nothing but ``.staging`` objects, which no reader lists.
 
-Resume: the work directory stays after a failure (default: under ``$XDG_CACHE_HOME``,
-named after ``OUT``), and ``<split>/.staging/progress.json`` records each shard uploaded
-(name, bytes, sha256) for this manifest. Running the same conversion again converts only
-what the local staging lacks and uploads only shards not recorded with the same sha256
-and size; the work directory is removed once every split is published.
+Resume: the work directory (a subdirectory of ``--work-dir``, default under
+``$XDG_CACHE_HOME``, named after ``OUT`` and the splits) stays after a failure. A split
+converted completely is marked with its conversion key and not converted again; an upload
+records each shard it staged in ``progress.json`` next to it, under a prefix of its own
+manifest's key, so a re-run uploads only what is missing and never mistakes another
+conversion's objects for its own; a split whose manifest is already there, byte for byte,
+is not uploaded again. The work directory is removed once every split is published.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import json
 import logging
 import os
 import posixpath
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +32,61 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
 from pipeline.errors import ConversionError
-from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
 from pipeline.storage import REMOTE_ERRORS, is_remote
+from shard_tools.staging import write_atomic
 
 log = logging.getLogger(__name__)
 UPLOAD_ERRORS: tuple[type[BaseException], ...] = (PermissionError, *REMOTE_ERRORS)
 PROGRESS = "progress.json"
 
 
-def default_work_dir(out: str) -> Path:
-    """Where a conversion to ``out`` builds its shards: one directory per output URL."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "multihead-shards" / "convert" / hashlib.sha256(out.encode()).hexdigest()[:16]
+CONVERTED = ".converted"  # in a work split directory: the key of the complete conversion it holds
+
+
+def work_directory(out: str, splits: Sequence[str], root: str | Path | None = None) -> Path:
+    """Where a conversion of ``splits`` to ``out`` builds its shards: a directory of its own
+    under ``root`` (default: the user's cache), so nothing else there is ever touched."""
+    base = Path(root) if root is not None else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multihead-shards" / "convert"
+    name = hashlib.sha256(f"{out.rstrip('/')}\0{sorted(splits)}".encode()).hexdigest()[:16]
+    return base / f"shards-work-{name}"
+
+
+def convert_remote(format_name: str, src: str | Path, out: str, *, splits: Sequence[str] | None,
+                   work_dir: str | Path | None, storage_options: dict[str, Any] | None,
+                   **settings: Any) -> dict[str, Manifest]:
+    """:func:`~shard_tools.convert.convert` to an object-store URL (see the module notes)."""
+    from shard_tools.convert import Source, conversion_key, convert
+    from shard_tools.converters import get_format
+
+    options = settings.get("options")
+    wanted = tuple(splits) if splits else get_format(format_name, options).splits(Path(src))
+    work = work_directory(out, wanted, work_dir)
+    log.info("%s: building the shards in %s before uploading them", out, work)
+    keys = {split: conversion_key(Source(format_name, dict(options) if options else None, Path(src), split),
+                                  shuffle=settings["shuffle"], seed=settings["seed"],
+                                  limits=(settings["max_samples"], settings["max_bytes"])) for split in wanted}
+    manifests = {split: read_manifest(str(work / split / MANIFEST_NAME)) for split in wanted
+                 if _converted(work / split) == keys[split]}
+    todo = [split for split in wanted if split not in manifests]
+    if manifests:
+        log.info("%s: splits %s were converted completely by an earlier run; kept", work, sorted(manifests))
+    if todo:
+        manifests.update(convert(format_name, src, work, splits=todo, **settings))
+        for split in todo:
+            write_atomic(work / split / CONVERTED, keys[split])
+    for split in wanted:
+        upload_split(work / split, f"{out.rstrip('/')}/{split}", manifests[split], storage_options)
+    shutil.rmtree(work, ignore_errors=True)
+    return {split: manifests[split] for split in wanted}
+
+
+def _converted(split_dir: Path) -> str | None:
+    try:
+        return (split_dir / CONVERTED).read_text() if (split_dir / MANIFEST_NAME).is_file() else None
+    except OSError:
+        return None
 
 
 def _uploaded(fs: AbstractFileSystem, staging: str, key: str) -> dict[str, dict[str, Any]]:
@@ -64,9 +111,13 @@ def upload_split(local: Path, url: str, manifest: Manifest, storage_options: dic
     """Upload one converted split directory to ``url`` (shards, then the manifest last),
     skipping shards an interrupted upload of the same manifest already put in staging."""
     fs, root = url_to_fs(url, **(storage_options or {}))
-    staging = posixpath.join(root, ".staging")
     key = hashlib.sha256(manifest.to_json().encode()).hexdigest()
+    staging = posixpath.join(root, ".staging", key[:16])
+    local_manifest = (local / MANIFEST_NAME).read_bytes()
     try:
+        if _same_manifest(fs, posixpath.join(root, MANIFEST_NAME), local_manifest):
+            log.info("%s: already published with this manifest; not uploaded again", url)
+            return
         done = _uploaded(fs, staging, key)
         skipped = 0
         for shard in manifest.shards:
@@ -81,12 +132,22 @@ def upload_split(local: Path, url: str, manifest: Manifest, storage_options: dic
             log.info("%s: %d shard(s) already uploaded by an interrupted run; kept", url, skipped)
         for shard in manifest.shards:
             fs.copy(posixpath.join(staging, shard.name), posixpath.join(root, shard.name))
-        fs.put_file(str(local / MANIFEST_NAME), posixpath.join(root, MANIFEST_NAME))
-        fs.rm([posixpath.join(staging, s.name) for s in manifest.shards] + [posixpath.join(staging, PROGRESS)])
+        fs.pipe_file(posixpath.join(root, MANIFEST_NAME), local_manifest)
     except UPLOAD_ERRORS as e:
         raise ConversionError(f"{url}: upload failed ({e}); no manifest was written there, and running the same "
                               "conversion again uploads only the missing shards") from e
     log.info("uploaded %d shards and the manifest to %s", len(manifest.shards), url)
+    try:
+        fs.rm(staging, recursive=True)
+    except UPLOAD_ERRORS as e:
+        log.warning("%s: published, but its staging objects under %s could not be removed (%s)", url, staging, e)
+
+
+def _same_manifest(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
+    try:
+        return bool(fs.cat_file(path) == data)
+    except FileNotFoundError:
+        return False
 
 
 def is_remote_output(out: str | Path) -> bool:

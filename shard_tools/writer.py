@@ -188,6 +188,8 @@ def _write_all(fd: int, pieces: list[memoryview]) -> None:
     start = 0
     while start < len(pending):
         written = os.writev(fd, pending[start:start + IOV_MAX])
+        if written <= 0:
+            raise OSError(f"writev wrote nothing to file descriptor {fd}")
         while start < len(pending) and written >= pending[start].nbytes:
             written -= pending[start].nbytes
             start += 1
@@ -327,6 +329,8 @@ class ShardWriter:
         ``__labels__`` member; a shard gets one only if every sample came with them."""
         pieces: list[bytes] = []
         for ext, data in members:  # header, data, padding: written as they are, not joined
+            if not isinstance(data, bytes):  # held until the next flush: never a buffer the caller may reuse
+                data = memoryview(data).tobytes()
             pieces += [tar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % BLOCK)]
         shard = self._file
         if shard is not None and self._full(shard, sum(len(p) for p in pieces)):

@@ -122,14 +122,18 @@ def test_failed_upload_leaves_no_manifest(tmp_path: Path, vimh_source, s3_option
 
 def test_interrupted_upload_resumes_with_the_missing_shards(tmp_path: Path, vimh_source, s3_options: dict,
                                                             monkeypatch) -> None:
+    import shard_tools.convert as convert_module
     from pipeline.errors import ConversionError
 
     name = f"out{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
                  aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
     src, work, url = vimh_source(), tmp_path / "work", f"s3://{name}/vimh"
-    real_put = s3fs.S3FileSystem._put_file
+    work.mkdir()
+    (work / "mine.txt").write_text("not the converter's")  # a user's --work-dir: only our subdirectory goes
+    real_put, real_stage = s3fs.S3FileSystem._put_file, convert_module.stage_split
     puts: list[str] = []
+    staged: list[str] = []
 
     async def counted_put(self, lpath, rpath, *args, **kwargs):  # type: ignore[no-untyped-def]
         puts.append(Path(rpath).name)
@@ -137,19 +141,24 @@ def test_interrupted_upload_resumes_with_the_missing_shards(tmp_path: Path, vimh
             raise ConnectionResetError("connection reset by peer")
         return await real_put(self, lpath, rpath, *args, **kwargs)
 
+    def counted_stage(source, *args, **kwargs):  # type: ignore[no-untyped-def]
+        staged.append(source.split)
+        return real_stage(source, *args, **kwargs)
+
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", counted_put)
+    monkeypatch.setattr(convert_module, "stage_split", counted_stage)
     s3fs.S3FileSystem.clear_instance_cache()
     fail_after: int | None = 2  # train has 3 shards of 16, 16, 8: the third upload fails
     with pytest.raises(ConversionError, match=r"upload failed \(connection reset by peer\); no manifest was "
                                               r"written there, and running the same conversion again uploads"):
         convert("vimh", src, url, max_samples=16, storage_options=s3_options, work_dir=work)
-    assert (work / "train" / "manifest.json").exists()  # kept for the re-run
-    fail_after, puts[:] = None, []
+    assert sorted(staged) == ["test", "train"] and list(work.glob("shards-work-*/train/manifest.json"))
+    fail_after, puts[:], staged[:] = None, [], []
     s3fs.S3FileSystem.clear_instance_cache()
     manifests = convert("vimh", src, url, max_samples=16, storage_options=s3_options, work_dir=work)
-    assert puts == ["test-000000.tar", "manifest.json", "train-000002.tar", "manifest.json"] or \
-        puts == ["train-000002.tar", "manifest.json", "test-000000.tar", "manifest.json"]
-    assert not work.exists()
+    assert staged == []  # converted completely the first time: not converted again
+    assert sorted(puts) == ["test-000000.tar", "train-000002.tar"]  # only what the first upload lacked
+    assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
     local = convert("vimh", src, tmp_path / "local", max_samples=16)
     fs = s3fs.S3FileSystem(**s3_options)
     fs.invalidate_cache()
@@ -157,4 +166,42 @@ def test_interrupted_upload_resumes_with_the_missing_shards(tmp_path: Path, vimh
         assert manifests[split] == manifest
         for shard in manifest.shards:
             assert fs.cat(f"{name}/vimh/{split}/{shard.name}") == (tmp_path / "local" / split / shard.name).read_bytes()
-    assert not fs.glob(f"{name}/vimh/*/.staging/*")
+    assert not fs.glob(f"{name}/vimh/*/.staging/**")
+    puts[:] = []
+    convert("vimh", src, url, max_samples=16, storage_options=s3_options, work_dir=work)
+    assert puts == []  # the same conversion again: already published, byte for byte
+
+
+def test_another_conversions_staged_shards_are_never_published(tmp_path: Path, vimh_source, s3_options: dict,
+                                                               monkeypatch) -> None:
+    """Run A (seed 0) fails after two shards, run B (seed 1, same OUT, shards of the same
+    sizes) after one; A again must publish A's bytes, not B's staged shard."""
+    from pipeline.errors import ConversionError
+
+    name = f"out{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
+    src, url = vimh_source(), f"s3://{name}/vimh"
+    real_put = s3fs.S3FileSystem._put_file
+    budget = {"puts": 0}
+
+    async def limited_put(self, lpath, rpath, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if budget["puts"] <= 0:
+            raise ConnectionResetError("connection reset by peer")
+        budget["puts"] -= 1
+        return await real_put(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", limited_put)
+    for seed, puts in ((0, 2), (1, 1)):
+        budget["puts"] = puts
+        s3fs.S3FileSystem.clear_instance_cache()
+        with pytest.raises(ConversionError, match="upload failed"):
+            convert("vimh", src, url, max_samples=16, seed=seed, storage_options=s3_options, work_dir=tmp_path / "w")
+    budget["puts"] = 100
+    s3fs.S3FileSystem.clear_instance_cache()
+    convert("vimh", src, url, max_samples=16, seed=0, storage_options=s3_options, work_dir=tmp_path / "w")
+    local = convert("vimh", src, tmp_path / "local", max_samples=16, seed=0)
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.invalidate_cache()
+    for shard in local["train"].shards:
+        assert fs.cat(f"{name}/vimh/train/{shard.name}") == (tmp_path / "local" / "train" / shard.name).read_bytes()

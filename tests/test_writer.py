@@ -248,3 +248,19 @@ def test_label_columns_member_is_written_only_when_every_sample_has_labels(tmp_p
         w.write("b", [("raw", bytes(16)), ("labels.msgpack", LABELS)])
     with tarfile.open(tmp_path / "mixed" / "train-000000.tar") as tar:
         assert LABELS_MEMBER not in tar.getnames()
+
+
+def test_write_copies_buffers_the_caller_may_reuse(tmp_path: Path) -> None:
+    """Members are held until the next flush: a reused bytearray or a numpy array must be
+    written as it was when ``write`` was called, with its byte length in the header."""
+    schema = DatasetSchema(name="t", split="train", image=ImageSpec(None, None, 3, encoding="png"),
+                           heads=(Head(name="c", kind="class", num_classes=3),))
+    buffer = bytearray(1)
+    with ShardWriter(tmp_path / "out", schema, max_samples=None, max_bytes=None) as writer:
+        for i in range(3):
+            buffer[0] = i
+            writer.write(f"{i:08d}", [("png", buffer), ("values", np.arange(4, dtype=np.float32))])
+    with tarfile.open(next((tmp_path / "out").glob("*.tar"))) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert [members[f"{i:08d}.png"] for i in range(3)] == [b"\0", b"\1", b"\2"]
+    assert members["00000000.values"] == np.arange(4, dtype=np.float32).tobytes()

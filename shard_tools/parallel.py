@@ -40,8 +40,9 @@ class StagedSplit:
         shutil.rmtree(self.staging_dir, ignore_errors=True)
 
 
-def _write_shard(source: Source, schema: DatasetSchema, index: int, samples: list[int], staging_dir: Path) -> ShardInfo:
-    writer = ShardWriter(staging_dir, schema, max_samples=len(samples), max_bytes=None, publish_on_exit=False,
+def _write_shard(source: Source, schema: DatasetSchema, index: int, samples: list[int], out_dir: Path) -> ShardInfo:
+    """Shard ``index`` of ``samples``, built in ``out_dir/.worker-<index>`` and moved into ``out_dir``."""
+    writer = ShardWriter(out_dir, schema, max_samples=len(samples), max_bytes=None, publish_on_exit=False,
                          first_index=index, staging_dir=f".worker-{index}")
     with writer:
         for keys, members, columns, _ in prepare_blocks(source, schema, samples):

@@ -315,3 +315,8 @@ def test_resume_refuses_other_settings(roots) -> None:
     other = mix(sources(roots), batch_size=32, epoch_samples=1000, num_workers=0, shuffle_buffer=512)
     with pytest.raises(PipelineError, match=r"loader state: shuffle_buffer expected 512 \(this loader\), found 256"):
         other.load_state_dict(first.state_dict())
+
+
+def test_unknown_uneven_policy_is_refused(roots) -> None:
+    with pytest.raises(PipelineError, match=r"uneven: expected one of \('drop', 'pad'\), found 'wrap'"):
+        mix(sources(roots), batch_size=8, num_workers=0, uneven="wrap")

@@ -205,3 +205,10 @@ def test_another_conversions_staged_shards_are_never_published(tmp_path: Path, v
     fs.invalidate_cache()
     for shard in local["train"].shards:
         assert fs.cat(f"{name}/vimh/train/{shard.name}") == (tmp_path / "local" / "train" / shard.name).read_bytes()
+
+
+def test_work_dir_is_only_for_urls(tmp_path: Path, vimh_source) -> None:
+    from pipeline.errors import ConversionError
+
+    with pytest.raises(ConversionError, match=r"work_dir: only used when OUT is a URL; .*out is a local directory"):
+        convert("vimh", vimh_source(), tmp_path / "out", work_dir=tmp_path / "w")

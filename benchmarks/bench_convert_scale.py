@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.bench_convert import disk_bytes, verify
 from benchmarks.common import DEFAULT_OUT, bar_chart, machine_info, timed, timed_cpu, write_results
 from shard_tools.convert import convert, sample_order
-from shard_tools.converters.imagenet100 import load_class_list
+from shard_tools.converters.class_lists import load_class_list
 from shard_tools.synthetic_cifar import generate_cifar100
 from shard_tools.synthetic_imagenet import generate_imagenet100
 

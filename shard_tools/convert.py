@@ -24,7 +24,8 @@ from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
 from shard_tools.converters import SampleBlock, get_format
 from shard_tools.remote_out import convert_remote, is_remote_output
 from shard_tools.staging import resume_key, source_fingerprint
-from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, Member, Rows, ShardWriter
+from shard_tools.tar_format import Member, Rows
+from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, ShardWriter
 
 log = logging.getLogger(__name__)
 

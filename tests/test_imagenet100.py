@@ -21,12 +21,12 @@ from pipeline.labels import decode_labels
 from pipeline.readers import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
+from shard_tools.converters.class_lists import builtin_class_list
 from shard_tools.converters.imagenet100 import (
     NOT_RGB,
     OK,
     UNREADABLE,
     Probe,
-    builtin_class_list,
     configure,
     probe,
     probe_bytes,

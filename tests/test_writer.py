@@ -20,10 +20,9 @@ from pipeline.schema import DatasetSchema, Head, ImageSpec
 from shard_tools.convert import check_block, convert
 from shard_tools.converters import SampleBlock, vimh
 from shard_tools.converters.vimh_files import _parse_each, _parse_table
-from shard_tools.writer import (
+from shard_tools.tar_format import (
     RECORD,
     Rows,
-    ShardWriter,
     _reference_header,
     tar_block,
     tar_end,
@@ -31,6 +30,7 @@ from shard_tools.writer import (
     tar_headers,
     tar_member,
 )
+from shard_tools.writer import ShardWriter
 
 SCHEMA = DatasetSchema(name="w", split="train", image=ImageSpec(4, 4, 1),
                        heads=(Head(name="c", kind="class", num_classes=2),))

@@ -17,7 +17,6 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from pipeline.errors import ConversionError, SchemaError
 from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
 from shard_tools import __version__
 from shard_tools.converters import BLOCK_BYTES, SampleBlock, blocks_of
+from shard_tools.converters.class_lists import BUILTIN_LISTS, ClassList, load_class_list
 from shard_tools.converters.jpeg_header import jpeg_header
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 NAME = "imagenet100"
 SOURCE_FORMAT = "imagenet-folder"
 SPLITS = ("train", "val")
-BUILTIN_LISTS = ("cmc", "hjepa")
 ON_BAD = ("convert", "skip", "error")
 EXTENSIONS = (".jpeg", ".jpg")
 DEFAULT_QUALITY = 90
@@ -43,60 +42,6 @@ IMAGE = ImageSpec(height=None, width=None, channels=3, encoding="jpg", layout="H
 OK, NOT_RGB, NOT_JPEG, UNREADABLE = "ok", "not RGB", "not a JPEG", "unreadable"
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 HEAD_BYTES = 16384  # what the scan reads of a file first; the rest only if its header is longer
-
-
-@dataclass(frozen=True)
-class ClassList:
-    """The classes in label order: ``wnids`` (directory names), ``names`` (the schema's
-    class names: a list file's second column, else the wnids) and ``source`` (provenance)."""
-
-    source: str
-    wnids: tuple[str, ...]
-    names: tuple[str, ...]
-
-
-def parse_class_list(text: str, where: str, source: str) -> ClassList:
-    """One wnid per line, optionally a name after a tab or spaces; blank and ``#`` lines skipped."""
-    wnids: list[str] = []
-    names: list[str] = []
-    seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.strip().split(None, 1)
-        if not fields or fields[0].startswith("#"):
-            continue
-        wnid = fields[0]
-        if wnid in seen:
-            raise ConversionError(f"{where}: line {number}: {wnid} is already listed on line {seen[wnid]}")
-        if "/" in wnid or wnid in (".", ".."):
-            raise ConversionError(f"{where}: line {number}: expected a wnid (a directory name), found {wnid!r}")
-        seen[wnid] = number
-        wnids.append(wnid)
-        names.append(fields[1].strip() if len(fields) > 1 else wnid)
-    if not wnids:
-        raise ConversionError(f"{where}: expected one wnid per line, found none")
-    return ClassList(source, tuple(wnids), tuple(names))
-
-
-@functools.cache
-def builtin_class_list(name: str) -> ClassList:
-    """A class list shipped with the package (``shard_tools/imagenet100/<name>.txt``)."""
-    text = resources.files("shard_tools").joinpath("imagenet100", f"{name}.txt").read_text("utf-8")
-    return parse_class_list(text, f"the built-in {name} class list", name)
-
-
-def load_class_list(spec: str) -> ClassList:
-    """``"cmc"`` or ``"hjepa"`` (shipped with the package), else a class list file."""
-    if spec in BUILTIN_LISTS:
-        return builtin_class_list(spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise ConversionError(f"{path}: class list: expected {' or '.join(BUILTIN_LISTS)} or a file with one "
-                              "wnid per line, found no such file")
-    try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: class list: cannot read it ({e})") from e
-    return parse_class_list(text, str(path), f"file:{path.name}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from pipeline.tario import count_samples
 log = logging.getLogger(__name__)
 
 
-def _pick_split(sets: list[ShardSet], split: str | None, source: object) -> ShardSet:
+def pick_split(sets: list[ShardSet], split: str | None, source: object) -> ShardSet:
+    """The one shard set of ``split`` among those a source resolved to (else an error)."""
     if len(sets) == 1:
         return sets[0]
     named = [s for s in sets if s.split == split]
@@ -34,7 +35,7 @@ def _pick_split(sets: list[ShardSet], split: str | None, source: object) -> Shar
 def read_schema(source: str | Sequence[str], *, split: str | None = "train",
                 storage_options: dict[str, Any] | None = None) -> DatasetSchema:
     """The schema of one split (from its manifest, else its first shard's header)."""
-    shards = _pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
+    shards = pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
     return shards.manifest.schema if shards.manifest else read_header(shards.urls[0], storage_options)
 
 
@@ -57,8 +58,9 @@ def check_headers(urls: Sequence[str], expected: DatasetSchema | None,
     return reference
 
 
-def _slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir: str | None,
-            allow_pipe: bool) -> tuple[Slice, ...]:
+def manifest_slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir: str | None,
+                    allow_pipe: bool) -> tuple[Slice, ...]:
+    """Every shard as a whole slice, with its sample count (from the manifest, else counted)."""
     if shards.manifest is not None:
         return tuple(Slice(u, 0, s.samples) for u, s in zip(shards.urls, shards.manifest.shards, strict=True))
     log.warning("%s: no manifest; reading every shard once to count its samples", shards.label)
@@ -70,7 +72,7 @@ def _slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir: str | N
 HAND_OFF_BYTES = 8 << 20
 
 
-def _image_bytes(schema: DatasetSchema) -> int:
+def image_bytes(schema: DatasetSchema) -> int:
     """Bytes of one decoded image (a 256x256 guess when sizes vary)."""
     return schema.image.nbytes if schema.image.fixed_size else schema.image.channels * 256 * 256
 
@@ -105,19 +107,19 @@ def make_loader(source: str | Sequence[str], *, split: str | None = "train", bat
     default_size, default_rank = default_world()
     world_size = default_size if world_size is None else world_size
     rank = default_rank if rank is None else rank
-    shards = _pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
+    shards = pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
     expected = shards.manifest.schema if shards.manifest else None
     schema = check_headers(shards.urls, expected, storage_options, allow_pipe)
     if not schema.image.fixed_size and transform is None:
         raise PipelineError(f"{source}: the images of {schema.name!r} vary in size ({schema.image.describe()}); "
                             "pass a transform that gives every image one size, e.g. "
                             "torchvision.transforms.v2.RandomResizedCrop(224)")
-    config = StreamConfig(shards=_slices(shards, storage_options, cache_dir, allow_pipe), schema=schema,
+    config = StreamConfig(shards=manifest_slices(shards, storage_options, cache_dir, allow_pipe), schema=schema,
                           batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           world_size=world_size, rank=rank, num_workers=num_workers, uneven=uneven,
                           drop_last=drop_last, on_error=on_error, storage_options=storage_options,
                           cache_dir=cache_dir, retries=retries, allow_pipe=allow_pipe,
-                          batches_per_hand_off=hand_off_group(batch_size * _image_bytes(schema)))
+                          batches_per_hand_off=hand_off_group(batch_size * image_bytes(schema)))
     config.plan(0)  # fail now, not in a worker, on impossible settings
     return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
                         pin_memory=pin_memory)

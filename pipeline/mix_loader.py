@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.api import _image_bytes, _pick_split, _slices, check_headers, hand_off_group
+from pipeline.api import check_headers, hand_off_group, image_bytes, manifest_slices, pick_split
 from pipeline.batching import Transform
 from pipeline.errors import PipelineError
 from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_world
@@ -124,12 +124,12 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     rank = default_rank if rank is None else rank
     schemas, shard_lists = [], []
     for k, spec in enumerate(specs):
-        shards = _pick_split(resolve_shards(spec.source, split=spec.split, storage_options=storage_options),
+        shards = pick_split(resolve_shards(spec.source, split=spec.split, storage_options=storage_options),
                              spec.split, spec.source)
         schemas.append(check_headers(shards.urls, shards.manifest.schema if shards.manifest else None,
                                      storage_options))
         shard_lists.append(tuple(Slice(s.url, s.start, s.stop, k)
-                                 for s in _slices(shards, storage_options, cache_dir, False)))
+                                 for s in manifest_slices(shards, storage_options, cache_dir, False)))
     names = [spec.name or source_name(schema.name) for spec, schema in zip(specs, schemas, strict=True)]
     union, head_map = union_schema(schemas, names, split=schemas[0].split, resized=transform is not None,
                                    dataset_head=dataset_head)
@@ -143,12 +143,12 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     plan = MixPlan(tuple(shard_lists), tuple(targets), tuple(schemas), tuple(names))
     log.info("mix of %s: %s samples per epoch", ", ".join(names),
              ", ".join(f"{n} {t}" for n, t in zip(names, targets, strict=True)))
-    image_bytes = max(_image_bytes(s) for s in schemas)
+    largest_image = max(image_bytes(s) for s in schemas)
     config = StreamConfig(shards=tuple(s for shards in shard_lists for s in shards), schema=union,
                           batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           world_size=world_size, rank=rank, num_workers=num_workers, drop_last=drop_last,
                           on_error=on_error, storage_options=storage_options, cache_dir=cache_dir, retries=retries,
-                          batches_per_hand_off=hand_off_group(batch_size * image_bytes), mix=plan)
+                          batches_per_hand_off=hand_off_group(batch_size * largest_image), mix=plan)
     config.plan(0)  # fail now, not in a worker, on impossible settings
     return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
                         pin_memory=pin_memory, head_map=head_map)

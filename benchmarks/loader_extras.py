@@ -36,6 +36,18 @@ def time_epoch(loader: Any) -> tuple[float, int]:
         count += images.shape[0]
     return time.perf_counter() - start, count
 
+
+def time_epochs(loader: Any, epochs: int, expected: int, what: str) -> list[float]:
+    """Seconds of each of ``epochs`` full passes; every pass must yield ``expected`` samples."""
+    times = []
+    for epoch in range(epochs):
+        seconds, count = time_epoch(loader)
+        if count != expected:
+            raise RuntimeError(f"{what}: {count} samples in epoch {epoch + 1}, expected {expected}")
+        times.append(seconds)
+    return times
+
+
 def _tensors(w: Workload) -> list[torch.Tensor]:
     return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in w.images]
 
@@ -142,13 +154,9 @@ def s3_throughput(w: Workload, work: Path, local_rate: float, *, epochs: int) ->
         fs.put(str(w.ours / "train") + "/", "bench/raw32/train/", recursive=True)
         upload = time.perf_counter() - start
         loader = ours(w, batch_size=BATCH, workers=2, source="s3://bench/raw32/train", storage_options=options)
-        times = []
-        for epoch in range(epochs + 1):
-            seconds, count = time_epoch(loader)
-            times.append(seconds)
-            if count != w.n:
-                raise RuntimeError(f"ours from S3: {count} samples in an epoch, expected {w.n}")
-            print(f"  {w.name} ours from S3 epoch {epoch + 1}: {times[-1]:6.2f} s {w.n / times[-1]:10,.0f} "
+        times = time_epochs(loader, epochs + 1, w.n, "ours from S3")
+        for epoch, seconds in enumerate(times):
+            print(f"  {w.name} ours from S3 epoch {epoch + 1}: {seconds:6.2f} s {w.n / seconds:10,.0f} "
                   f"samples/s", flush=True)
     rate = w.n / statistics.median(times[1:])
     return {"samples_per_s": rate, "first_epoch_s": times[0], "timed_epochs_s": times[1:], "upload_s": upload,
@@ -244,12 +252,7 @@ def in_process(w: Workload, tools: tuple[str, ...] = ("ours", "seeds"), epochs: 
     out = {}
     for tool in tools:
         loader = build(tool, w, {}, batch_size=BATCH, workers=0)
-        times = []
-        for _ in range(epochs + 1):
-            seconds, count = time_epoch(loader)
-            times.append(seconds)
-        if count != w.n:
-            raise RuntimeError(f"{tool} in process: {count} samples, expected {w.n}")
+        times = time_epochs(loader, epochs + 1, w.n, f"{tool} in process")
         out[tool] = {"samples_per_s": w.n / statistics.median(times[1:]), "timed_epochs_s": times[1:]}
         print(f"  {w.name} {tool} with num_workers=0: {out[tool]['samples_per_s']:,.0f} samples/s", flush=True)
     return out

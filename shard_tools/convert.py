@@ -8,7 +8,7 @@ import itertools
 import logging
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,11 +162,16 @@ def stage_split(source: Source, out: Path, *, shuffle: bool = True, seed: int = 
 def prescan(source: Source, workers: int) -> None:
     """With ``workers`` > 1, let a format that scans its source first (ImageNet folders:
     every file's header) scan with that many processes, before any writing pool is forked,
-    so the workers inherit the result."""
+    so the workers inherit the result. The pool starts only if a scan is actually needed."""
     scan = getattr(get_format(source.format_name, source.options), "prescan", None)
     if workers > 1 and scan is not None:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            scan(source.src, source.split, functools.partial(pool.map, chunksize=4))
+        scan(source.src, source.split, functools.partial(_pool_map, workers))
+
+
+def _pool_map(workers: int, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``map`` over ``items`` in a fresh pool of ``workers`` forked processes, in order."""
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(fn, items, chunksize=4)
 
 
 def conversion_key(source: Source, *, shuffle: bool, seed: int, limits: tuple[int | None, int | None]) -> str:

@@ -364,3 +364,21 @@ def test_file_changed_since_the_scan(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match=rf"{path.name}: sample 3: was 'ok' when the split was scanned, "
                                               r"now 'not RGB' \(mode L\); did it change\?"):
         list(fmt.iter_blocks(src, "train"))
+
+
+def test_workers_scan_in_a_pool_only_when_the_scan_is_not_cached(tmp_path: Path, monkeypatch) -> None:
+    import shard_tools.convert as convert_module
+
+    src, class_file = make_source(tmp_path)
+    real, pools = convert_module._pool_map, []
+
+    def counted(workers, fn, items):  # type: ignore[no-untyped-def]
+        pools.append(len(items))
+        return real(workers, fn, items)
+
+    monkeypatch.setattr(convert_module, "_pool_map", counted)
+    options = {"class_list": str(class_file)}
+    first = convert("imagenet100", src, tmp_path / "a", options=options, workers=2, max_bytes=None)
+    assert pools == [3, 3]  # train and val: the 3 class directories of each, classified in a pool
+    again = convert("imagenet100", src, tmp_path / "b", options=options, workers=2, max_bytes=None)
+    assert pools == [3, 3] and again == first  # the same directories, unchanged: scanned already

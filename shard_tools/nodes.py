@@ -22,11 +22,11 @@ from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools.convert import Source, split_plan, staging_source
 from shard_tools.parallel import write_shard_job
-from shard_tools.staging import file_sha256, resume_key, write_atomic
+from shard_tools.staging import append_progress, is_sound, read_progress, resume_key, start_progress, write_atomic
 
 log = logging.getLogger(__name__)
 NODE_MANIFEST = "manifest.node-{rank}-of-{nodes}.json"
-NODE_PROGRESS = ".progress.node-{rank}-of-{nodes}.json"  # shards finished so far, for a re-run
+NODE_PROGRESS = ".progress.node-{rank}-of-{nodes}.jsonl"  # shards finished so far, for a re-run
 
 
 def node_shards(count: int, max_samples: int, num_nodes: int, node_rank: int) -> list[int]:
@@ -44,7 +44,8 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
     split_dir.mkdir(parents=True, exist_ok=True)
     progress = split_dir / NODE_PROGRESS.format(rank=node_rank, nodes=num_nodes)
     key = resume_key(schema, order, staging_source(source), (max_samples, num_nodes))
-    done = _sound_shards(progress, key, split_dir)
+    done = {s.name: s for s in read_progress(progress, key) if is_sound(split_dir / s.name, s)}
+    start_progress(progress, key, list(done.values()))
     if done:
         log.info("%s: node %d keeps %d sound shard(s) of an interrupted run", split_dir, node_rank, len(done))
     mine = node_shards(len(order), max_samples, num_nodes, node_rank)
@@ -53,7 +54,7 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
     with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for info in (pool.imap_unordered(write_shard_job, jobs) if pool is not None else map(write_shard_job, jobs)):
             done[info.name] = info  # recorded as each shard lands: a kill loses only shards in flight
-            write_atomic(progress, json.dumps({"key": key, "shards": [vars(s) for s in done.values()]}))
+            append_progress(progress, info)
     written = [done[f"{source.split}-{i:06d}.tar"] for i in mine]
     planned = -(-len(order) // max_samples)
     node = {"schema": schema.to_dict(), "num_nodes": num_nodes, "node_rank": node_rank,
@@ -62,23 +63,6 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
                 json.dumps(node, sort_keys=True, indent=2) + "\n")
     progress.unlink(missing_ok=True)
     return written
-
-
-def _sound_shards(progress: Path, key: str, split_dir: Path) -> dict[str, ShardInfo]:
-    """Shards an interrupted run of the same node share recorded, whose files still hash to
-    what was recorded (any other record, or none, keeps nothing)."""
-    try:
-        data = json.loads(progress.read_text())
-    except (OSError, ValueError):
-        return {}
-    if data.get("key") != key:
-        return {}
-    kept = {}
-    for entry in data.get("shards", []):
-        info, path = ShardInfo(**entry), split_dir / entry["name"]
-        if path.is_file() and path.stat().st_size == info.bytes and file_sha256(path) == info.sha256:
-            kept[info.name] = info
-    return kept
 
 
 def merge_manifests(out: str | Path) -> dict[str, Manifest]:

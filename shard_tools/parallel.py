@@ -69,6 +69,6 @@ def stage_split_parallel(source: Source, out: Path, *, shuffle: bool, seed: int,
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         for info in pool.imap_unordered(write_shard_job, todo):
             done[info.name] = info  # recorded as each shard lands, so a kill loses only shards in flight
-            staging.record(staged.staging_dir, key, [done[n] for n in names if n in done])
+            staging.append_progress(staged.staging_dir / staging.PROGRESS, info)
     staged.shards = [done[name] for name in names]
     return staged

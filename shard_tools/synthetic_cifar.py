@@ -3,7 +3,9 @@
 Two layouts (see ``docs/sources/cifar100mh.md``): CIFAR-100-MH (``train_batch``/``test_batch``
 pickles with ``[N, id, value, ...]`` label lists and ``cifar100mh_dataset_info.json``) and the
 standard CIFAR-100 python release (``train``/``test``/``meta`` pickles, fine and coarse
-labels). Images are 32×32×3, planar CHW rows. Each sample's first class ``c`` is drawn as
+labels), whose pickles are written the way the release's were, by Python 2's ``cPickle``
+(protocol 2, every string a Python 2 byte string, ``numpy.core`` globals: see
+:class:`Python2Pickler`). Images are 32×32×3, planar CHW rows. Each sample's first class ``c`` is drawn as
 a pattern: a bright horizontal band in the red plane at rows ``3*(c // 10)`` and a bright
 vertical band in the green plane at columns ``3*(c % 10)``, over faint noise; the other
 heads are coarser groupings of ``c`` (as CIFAR-100's coarse label groups five fine ones),
@@ -13,11 +15,16 @@ DATASET=cifar100mh``.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import pickle
-from collections.abc import Sequence
+import struct
+import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -26,6 +33,45 @@ from pipeline.errors import ConversionError
 HEIGHT, WIDTH, CHANNELS = 32, 32, 3
 BAND = 3  # pixels per band of the class pattern
 LIT, NOISE = 220, 40
+
+
+class Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2's ``cPickle.dump(obj, f, 2)`` wrote the CIFAR release: ``str`` and
+    ``bytes`` both as Python 2 byte strings (``SHORT_BINSTRING``/``BINSTRING``, what
+    ``pickle.load(f, encoding=...)`` has to decode), and numpy's globals under their old
+    ``numpy.core`` names. Python 3's own protocol 2 writes bytes as a call to
+    ``_codecs.encode`` on a UTF-8 text: a different file, and three times slower to load."""
+
+    write: Callable[[bytes], object]  # set by pickle._Pickler; declared for mypy
+    memoize: Callable[[object], None]
+    dispatch: ClassVar[dict[type, Any]] = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: str | bytes) -> None:
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)))
+            self.write(raw)
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        module, name = obj.__module__, name or obj.__qualname__
+        if module.startswith("numpy._core"):
+            module = "numpy.core" + module[len("numpy._core"):]
+        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+    dispatch[bytes] = save_py2_str
+    dispatch[type] = save_global
+    dispatch[types.FunctionType] = save_global
+
+
+def python2_pickle(obj: object) -> bytes:
+    """``obj`` pickled as Python 2 would have (:class:`Python2Pickler`)."""
+    out = io.BytesIO()
+    Python2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
 
 
 @dataclass(frozen=True)
@@ -104,11 +150,13 @@ def generate_cifar100mh(out: str | Path, *, n_train: int = 512, n_test: int = 12
 
 
 def generate_cifar100(out: str | Path, *, n_train: int = 500, n_test: int = 100, seed: int = 0,
-                      bytes_keys: bool = True) -> Path:
+                      python2: bool = True, bytes_keys: bool = True) -> Path:
     """Write a synthetic source in the CIFAR-100 python release layout: ``train`` and
     ``test`` (``data``, ``fine_labels``, ``coarse_labels``, ``filenames``, ``batch_label``)
-    and ``meta`` (``fine_label_names``, ``coarse_label_names``). With ``bytes_keys`` keys
-    and strings are bytes, as ``pickle.load(f, encoding="bytes")`` shows the release."""
+    and ``meta`` (``fine_label_names``, ``coarse_label_names``), pickled as the release is
+    (``python2``). With ``python2=False`` the files are Python 3 pickles, as a user who
+    re-pickled the release has them: keys and strings are bytes with ``bytes_keys`` (as
+    ``pickle.load(f, encoding="bytes")`` shows the release), else str."""
     _check(n_train, n_test, [100, 20])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +165,10 @@ def generate_cifar100(out: str | Path, *, n_train: int = 500, n_test: int = 100,
     def text(value: str) -> str | bytes:
         return value.encode() if bytes_keys else value
 
+    dump: Callable[[object], bytes] = python2_pickle if python2 else functools.partial(pickle.dumps, protocol=2)
+
     def write(name: str, content: dict[str, object]) -> None:
-        (out / name).write_bytes(pickle.dumps({text(k): v for k, v in content.items()}, protocol=2))
+        (out / name).write_bytes(dump({text(k): v for k, v in content.items()}))
 
     for split, n in (("train", n_train), ("test", n_test)):
         classes = _classes(n, [100, 20], rng)

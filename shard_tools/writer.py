@@ -12,7 +12,7 @@ earlier output untouched.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import os
 import shutil
@@ -20,7 +20,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from pipeline.label_columns import LABELS_MEMBER, Columns, encode_label_columns
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools import staging
+from shard_tools.hashing_file import HashingFile, WriteBehind
 from shard_tools.tar_format import BLOCK, RECORD, Member, Rows, tar_block, tar_end, tar_header, tar_member
 
 log = logging.getLogger(__name__)
@@ -37,66 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 STAGING_DIR = ".staging"
-FLUSH_BYTES = 1 << 20  # small writes are gathered into batches of about this size
-
-
-IOV_MAX = 1024  # buffers per writev call (POSIX guarantees at least 16; Linux allows 1024)
-
-
-def _write_all(fd: int, pieces: list[memoryview]) -> None:
-    """Write every piece, in order, with as few ``writev`` calls as the kernel allows."""
-    pending = [p for p in pieces if p.nbytes]
-    start = 0
-    while start < len(pending):
-        written = os.writev(fd, pending[start:start + IOV_MAX])
-        if written <= 0:
-            raise OSError(f"writev wrote nothing to file descriptor {fd}")
-        while start < len(pending) and written >= pending[start].nbytes:
-            written -= pending[start].nbytes
-            start += 1
-        if written:  # a partial write: the rest of this piece goes next
-            pending[start] = pending[start][written:]
-
-
-class _HashingFile:
-    """A write-only file that tracks sha256 and size as bytes go through; pieces are
-    gathered and written (and hashed) in batches of about ``FLUSH_BYTES``, with
-    ``writev``, so no piece is copied into a joined buffer first."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._f: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._sha = hashlib.sha256()
-        self._pending: list[memoryview] = []
-        self._pending_size = 0
-        self.size = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.write_many([data])
-
-    def write_many(self, pieces: Sequence[bytes | memoryview]) -> None:
-        for piece in pieces:
-            view = memoryview(piece).cast("B")
-            self._pending.append(view)
-            self._pending_size += view.nbytes
-            self.size += view.nbytes
-        if self._pending_size >= FLUSH_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            for view in self._pending:
-                self._sha.update(view)
-            _write_all(self._f.fileno(), self._pending)
-            self._pending, self._pending_size = [], 0
-
-    def close(self) -> str:
-        self._flush()
-        self._f.close()
-        return self._sha.hexdigest()
-
-    def discard(self) -> None:
-        self._f.close()
 
 
 def publish_staged(out_dir: Path, staging_dir: Path, schema: DatasetSchema, shards: Sequence[ShardInfo]) -> Manifest:
@@ -152,8 +92,10 @@ class ShardWriter:
         self._header = tar_member(HEADER_MEMBER, header_bytes(schema))
         self._staging = self.out_dir / staging_dir
         self.first_index = first_index  # number of the first shard (a node writes shards i, i+N, ...)
-        self._shards: list[ShardInfo] = []
-        self._file: _HashingFile | None = None
+        self._shards: list[ShardInfo] = []  # finished shards: appended on the write-behind thread
+        self._started = 0  # shards started, kept ones included (names the next one)
+        self._writes = WriteBehind()
+        self._file: HashingFile | None = None
         self._count = 0
         self._columns: list[Columns] | None = []  # label columns of the open shard, None once a sample lacks them
         self.manifest: Manifest | None = None
@@ -161,9 +103,12 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         if self.resume_key is not None and self._staging.is_dir():
             self._shards = staging.resume(self._staging, self.resume_key)
+            self._started = len(self._shards)
         else:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging.mkdir(parents=True)
+            if self.resume_key is not None:
+                staging.start_progress(self._staging / staging.PROGRESS, self.resume_key)
         return self
 
     @property
@@ -176,9 +121,11 @@ class ShardWriter:
         if exc_type is not None:
             if issubclass(exc_type, Exception) or self.resume_key is None:
                 self.abort()
-            elif self._file is not None:  # interrupted: keep finished shards for a resume
-                self._file.discard()
-                self._file = None
+            else:  # interrupted: keep finished shards for a resume
+                if self._file is not None:
+                    self._file.discard()
+                    self._file = None
+                self._writes.wait()
             return
         self._finish()
         if self.publish_on_exit:
@@ -231,7 +178,7 @@ class ShardWriter:
             self._add_columns(_rows(labels, pos, pos + take))
             pos += take
 
-    def _room(self, shard: _HashingFile, sample_size: int) -> int:
+    def _room(self, shard: HashingFile, sample_size: int) -> int:
         """How many more samples of ``sample_size`` bytes the open shard takes."""
         room = sys.maxsize if self.max_samples is None else self.max_samples - self._count
         if self.max_bytes is not None:  # leave room for end blocks, record padding, __labels__
@@ -240,7 +187,7 @@ class ShardWriter:
             room = min(room, (limit - shard.size - per_label * self._count) // (sample_size + per_label))
         return max(room, 0)
 
-    def _full(self, shard: _HashingFile, incoming: int) -> bool:
+    def _full(self, shard: HashingFile, incoming: int) -> bool:
         return self._room(shard, incoming) < 1
 
     def _shard_name(self, index: int) -> str:
@@ -251,31 +198,38 @@ class ShardWriter:
         """Bytes one sample adds to the ``__labels__`` member (its framing fits in 3 blocks)."""
         return 4 * (len(self.schema.heads) + sum(h.kind == "quantized" for h in self.schema.heads))
 
-    def _start_shard(self) -> _HashingFile:
-        name = self._shard_name(self.first_index + len(self._shards))
-        self._file = _HashingFile(self._staging / f"{name}.partial")
+    def _start_shard(self) -> HashingFile:
+        name = self._shard_name(self.first_index + self._started)
+        self._started += 1
+        self._file = HashingFile(self._staging / f"{name}.partial", self._writes)
         self._file.write(self._header)
         self._count = 0
         self._columns = []
         return self._file
 
-    def _finish_shard(self, shard: _HashingFile) -> None:
+    def _finish_shard(self, shard: HashingFile) -> None:
         if self._columns:
             classes = {k: np.concatenate([c[0][k] for c in self._columns]) for k in self._columns[0][0]}
             values = {k: np.concatenate([c[1][k] for c in self._columns]) for k in self._columns[0][1]}
             shard.write(tar_member(LABELS_MEMBER, encode_label_columns(classes, values)))
         shard.write(tar_end(shard.size))
-        sha = shard.close()
-        final = shard.path.with_suffix("")  # drop ".partial"
-        os.replace(shard.path, final)
-        self._shards.append(ShardInfo(final.name, self._count, shard.size, sha))
+        shard.close(functools.partial(self._shard_written, shard.path, self._count, shard.size))
         self._file = None
+
+    def _shard_written(self, partial: Path, count: int, size: int, sha: str) -> None:
+        """On the write-behind thread, once a shard's last byte is written: move it to its
+        final name and record it (for a resume)."""
+        final = partial.with_suffix("")  # drop ".partial"
+        os.replace(partial, final)
+        info = ShardInfo(final.name, count, size, sha)
+        self._shards.append(info)
         if self.resume_key is not None:
-            staging.record(self._staging, self.resume_key, self._shards)
+            staging.append_progress(self._staging / staging.PROGRESS, info)
 
     def _finish(self) -> None:
         if self._file is not None:
             self._finish_shard(self._file)
+        self._writes.wait()
         if not self._shards:
             self.abort()
             raise ConversionError(f"{self.out_dir}: no samples were written for split "
@@ -300,4 +254,8 @@ class ShardWriter:
         if self._file is not None:
             self._file.discard()
             self._file = None
+        try:
+            self._writes.wait()
+        except OSError as e:  # the write that failed: already reported, or the cause of what is
+            log.debug("%s: discarding a staged shard after a failed write: %s", self._staging, e)
         shutil.rmtree(self._staging, ignore_errors=True)

@@ -17,12 +17,13 @@ from pipeline.errors import ConversionError
 from pipeline.readers import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
-from shard_tools.synthetic_cifar import ClassParam, generate_cifar100, generate_cifar100mh, read_class
+from shard_tools.synthetic_cifar import ClassParam, generate_cifar100, generate_cifar100mh, python2_pickle, read_class
 from tests.conftest import convert_validated, no_output
 
 # a head whose min is not 0: 10 classes, stored values 0..9 (the value is the class index)
 MH_PARAMS = (ClassParam("fine", 0, 99, "fine class"), ClassParam("decade", 1, 10, "fine // 10"))
-LAYOUTS = ("cifar100mh", "cifar100-bytes-keys", "cifar100-str-keys")
+# the release as Python 2 pickled it, then re-pickled by Python 3 with bytes or str keys
+LAYOUTS = ("cifar100mh", "cifar100", "cifar100-py3-bytes-keys", "cifar100-py3-str-keys")
 Source = dict[int, tuple[bytes, dict[str, int]]]
 
 
@@ -30,7 +31,7 @@ def make_source(root: Path, layout: str, n_train: int = 40, n_test: int = 12) ->
     if layout == "cifar100mh":
         return generate_cifar100mh(root / "cifar100mh_src", n_train=n_train, n_test=n_test, params=MH_PARAMS)
     return generate_cifar100(root / "cifar-100-python", n_train=n_train, n_test=n_test,
-                             bytes_keys=layout == "cifar100-bytes-keys")
+                             python2=layout == "cifar100", bytes_keys=layout.endswith("bytes-keys"))
 
 
 def read_source(src: Path, split: str) -> Source:
@@ -47,10 +48,12 @@ def read_source(src: Path, split: str) -> Source:
 
 
 def edit_pickle(path: Path, edit: Callable[[dict], None]) -> None:
+    """Edit a pickle and write it back: release files (``train``, ``test``, ``meta``) as
+    Python 2 pickled them, ``*_batch`` files as Python 3 pickles."""
     with open(path, "rb") as f:
         batch = pickle.load(f, encoding="bytes")
     edit(batch)
-    path.write_bytes(pickle.dumps(batch, protocol=2))
+    path.write_bytes(pickle.dumps(batch, protocol=2) if path.name.endswith("_batch") else python2_pickle(batch))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -110,6 +113,19 @@ def test_synthetic_labels_can_be_read_from_the_pixels(tmp_path: Path) -> None:
             assert classes.get("coarse", classes["fine"] // 5) == classes["fine"] // 5
 
 
+def test_release_pickles_are_written_as_python_2_wrote_them(tmp_path: Path) -> None:
+    """Protocol 2, strings as Python 2 byte strings, numpy.core globals: torchvision's
+    ``encoding="latin1"`` gives str keys, ``encoding="bytes"`` bytes keys, the same pixels."""
+    src = make_source(tmp_path, "cifar100", n_train=6, n_test=2)
+    raw = (src / "train").read_bytes()
+    assert raw.startswith(b"\x80\x02}") and b"cnumpy.core.multiarray\n_reconstruct\n" in raw
+    assert b"_codecs" not in raw and b"U\x04data" in raw  # Python 3's protocol 2 would call _codecs.encode
+    as_text, as_bytes = (pickle.loads(raw, encoding=e) for e in ("latin1", "bytes"))
+    assert sorted(as_text) == ["batch_label", "coarse_labels", "data", "filenames", "fine_labels"]
+    assert np.array_equal(as_text["data"], as_bytes[b"data"]) and as_text["data"].shape == (6, 3072)
+    assert python2_pickle({"a": b"x" * 300}) == b"\x80\x02}q\x00U\x01aT,\x01\x00\x00" + b"x" * 300 + b"s."
+
+
 def test_mh_labels_key_and_vimh_json_fallback(tmp_path: Path, caplog) -> None:
     src = make_source(tmp_path, "cifar100mh")
     edit_pickle(src / "train_batch", lambda b: b.update(labels=b.pop("cifar100mh_labels")))
@@ -142,7 +158,7 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-MH, STD = "cifar100mh", "cifar100-bytes-keys"
+MH, STD = "cifar100mh", "cifar100"
 BAD_PICKLES = [  # layout, file, edit, error
     (MH, "train_batch", None, r"train_batch: expected a CIFAR-100-MH pickle, found a truncated or corrupt"),
     (STD, "train", None, r"train: expected a CIFAR-100 pickle, found a truncated or corrupt"),

@@ -122,13 +122,13 @@ def test_killed_conversion_resumes(tmp_path: Path, vimh_source) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "shard_tools.cli", "convert", "vimh", str(src), str(out), "--max-samples", "500"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = out / "train" / ".staging" / "progress.json"
+    staged = out / "train" / ".staging"
     deadline = time.monotonic() + 60
-    while not progress.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    while not list(staged.glob("train-*.tar")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    if not progress.exists():
+    if not staged.exists():
         pytest.skip("the conversion finished before it could be killed")
     assert not (out / "train" / "manifest.json").exists()
     kept = len(list((out / "train" / ".staging").glob("train-*.tar")))
@@ -157,17 +157,34 @@ def test_parallel_resume_keeps_every_sound_shard(tmp_path: Path, source: Path) -
         shard.rename(staging_dir / shard.name)
     (out / "train" / "manifest.json").unlink()
     from shard_tools.convert import Source, split_plan, staging_source
-    from shard_tools.staging import record, resume_key
+    from shard_tools.staging import PROGRESS, resume_key, start_progress
 
     train = Source("vimh", None, source, "train")
     schema, order = split_plan(train, shuffle=True, seed=0)
     key = resume_key(schema, order, staging_source(train), (100, None))
     from pipeline.manifest import read_manifest
 
-    record(staging_dir, key, read_manifest(str(tmp_path / "clean" / "train" / "manifest.json")).shards)
+    clean_shards = read_manifest(str(tmp_path / "clean" / "train" / "manifest.json")).shards
+    start_progress(staging_dir / PROGRESS, key, clean_shards)
     damaged = staging_dir / "train-000003.tar"
     damaged.write_bytes(damaged.read_bytes()[:-1024] + bytes(1024) + b"x")
     stamps = {p.name: p.stat().st_mtime_ns for p in staging_dir.glob("*.tar") if p.name != damaged.name}
     convert("vimh", source, out, max_samples=100, max_bytes=None, workers=2)
     assert digests(out) == clean
     assert {n: (out / "train" / n).stat().st_mtime_ns for n in stamps} == stamps
+
+
+def test_progress_record_ignores_a_line_cut_short(tmp_path: Path, caplog) -> None:
+    """A kill in the middle of appending a shard's line loses that shard only."""
+    from pipeline.manifest import ShardInfo
+    from shard_tools.staging import append_progress, read_progress, start_progress
+
+    path = tmp_path / "progress.jsonl"
+    first, second = ShardInfo("a.tar", 1, 10, "0" * 64), ShardInfo("b.tar", 2, 20, "1" * 64)
+    start_progress(path, "key", [first])
+    append_progress(path, second)
+    assert read_progress(path, "key") == [first, second] and read_progress(path, "other key") == []
+    path.write_text(path.read_text()[:-9])
+    with caplog.at_level(logging.WARNING):
+        assert read_progress(path, "key") == [first]
+    assert "ignoring a line cut short" in caplog.text

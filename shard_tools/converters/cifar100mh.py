@@ -187,7 +187,7 @@ def _text(value: Any) -> Any:
 
 def _read_dict(path: Path, wanted: Sequence[str]) -> dict[str, Any]:
     """A release pickle as a dict with str keys (the release's keys may be bytes)."""
-    content = read_pickle(path, "CIFAR-100")
+    content = read_pickle(path, "CIFAR-100", encoding="bytes")
     if not isinstance(content, dict):
         raise ConversionError(f"{path}: expected a dict with {list(wanted)}, found {type(content).__name__}")
     batch = {_text(k): v for k, v in content.items()}

@@ -3,12 +3,11 @@ split. Checks, label records and tar members are built a block at a time with nu
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import multiprocessing
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from pipeline.label_columns import Columns, label_columns
 from pipeline.labels import LabelEncoder
 from pipeline.manifest import Manifest
 from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
+from pipeline.tario import iter_members, split_key
 from shard_tools.converters import SampleBlock, get_format
 from shard_tools.remote_out import convert_remote, is_remote_output
 from shard_tools.staging import resume_key, source_fingerprint
@@ -149,7 +149,7 @@ def stage_split(source: Source, out: Path, *, shuffle: bool = True, seed: int = 
                          publish_on_exit=False, resume_key=key)
     with writer, tqdm(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample",
                       disable=None, leave=False) as bar:
-        remaining = order[writer.resumed_samples:]
+        remaining = order[resume_position(writer, order):]
         bar.update(len(order) - len(remaining))
         blocks = (_parallel_blocks(source, schema, remaining, workers) if workers > 1
                   else prepare_blocks(source, schema, remaining))
@@ -159,19 +159,16 @@ def stage_split(source: Source, out: Path, *, shuffle: bool = True, seed: int = 
     return writer
 
 
-def prescan(source: Source, workers: int) -> None:
-    """With ``workers`` > 1, let a format that scans its source first (ImageNet folders:
-    every file's header) scan with that many processes, before any writing pool is forked,
-    so the workers inherit the result. The pool starts only if a scan is actually needed."""
-    scan = getattr(get_format(source.format_name, source.options), "prescan", None)
-    if workers > 1 and scan is not None:
-        scan(source.src, source.split, functools.partial(_pool_map, workers))
-
-
-def _pool_map(workers: int, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """``map`` over ``items`` in a fresh pool of ``workers`` forked processes, in order."""
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.map(fn, items, chunksize=4)
+def resume_position(writer: ShardWriter, order: Sequence[int]) -> int:
+    """How much of ``order`` the shards kept from an interrupted run cover: up to the last
+    sample of the last one (found by its key, the source index: samples a format skipped
+    make this more than the samples kept)."""
+    if not writer.shards:
+        return 0
+    path = writer.staging_dir / writer.shards[-1].name
+    keys = [split_key(name.decode()) for name, _, _ in iter_members(path.read_bytes(), str(path))]
+    last = next(int(found[0]) for found in reversed(keys) if found is not None and not found[0].startswith("__"))
+    return order.index(last) + 1
 
 
 def conversion_key(source: Source, *, shuffle: bool, seed: int, limits: tuple[int | None, int | None]) -> str:
@@ -222,7 +219,6 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     fmt, src, out = get_format(format_name, options), Path(src), Path(out)
     wanted = tuple(splits) if splits else fmt.splits(src)
     for split in wanted:
-        prescan(Source(format_name, dict(options) if options else None, src, split), workers)
         fmt.read_schema(src, split)  # fail on inconsistent input before writing anything
     if num_nodes > 1:
         from shard_tools.nodes import check_node_settings, convert_share
@@ -237,11 +233,11 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     try:
         for split in wanted:
             source = Source(format_name, dict(options) if options else None, src, split)
-            if workers > 1 and max_bytes is None and max_samples is not None:
-                from shard_tools.parallel import stage_split_parallel
+            if max_bytes is None and max_samples is not None:  # planned slices, any process writes any shard
+                from shard_tools.parallel import stage_split_slices
 
-                staged.append(stage_split_parallel(source, out, shuffle=shuffle, seed=seed, max_samples=max_samples,
-                                                   workers=workers))
+                staged.append(stage_split_slices(source, out, shuffle=shuffle, seed=seed, max_samples=max_samples,
+                                                 workers=workers))
             else:
                 staged.append(stage_split(source, out, shuffle=shuffle, seed=seed, max_samples=max_samples,
                                           max_bytes=max_bytes, workers=workers))
@@ -249,4 +245,14 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
         for writer in staged:
             writer.abort()
         raise
-    return {writer.schema.split: writer.publish() for writer in staged}
+    manifests = {writer.schema.split: writer.publish() for writer in staged}
+    for split, manifest in manifests.items():
+        report_skipped(out / split, fmt.count_samples(src, split), manifest.num_samples)
+    return manifests
+
+
+def report_skipped(split_dir: Path, planned: int, written: int) -> None:
+    """One summary line when the format skipped samples (each one was warned about)."""
+    if written < planned:
+        log.warning("%s: %d of %d samples skipped as bad input (see the warnings above); %d written",
+                    split_dir, planned - written, planned, written)

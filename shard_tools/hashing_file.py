@@ -49,11 +49,11 @@ class WriteBehind:
     def submit(self, task: Callable[..., None], *args: Any, always: bool = False) -> None:
         """Run ``task(*args)`` after every task submitted before it (skipped after a failed
         task, unless ``always``: closing a file); raise the error of a finished task here."""
-        while self._pending and (len(self._pending) >= self._depth or self._pending[0].done()):
-            self._pending.popleft().result()
         if self._pool is None:  # started on first use: no thread exists when a caller forks first
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-behind")
-        self._pending.append(self._pool.submit(self._run, task, args, always))
+        self._pending.append(self._pool.submit(self._run, task, args, always))  # queued even after a failure
+        while self._pending and (len(self._pending) > self._depth or self._pending[0].done()):
+            self._pending.popleft().result()
 
     def _run(self, task: Callable[..., None], args: tuple[Any, ...], always: bool) -> None:
         if self._failed and not always:
@@ -112,7 +112,10 @@ class HashingFile:
     def _write_batch(self, batch: list[bytes | memoryview]) -> None:
         data = batch[0] if len(batch) == 1 else b"".join(batch)
         self._sha.update(data)
-        write_all(self._fd, data)
+        try:
+            write_all(self._fd, data)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {self.path}: {e.strerror or e}", str(self.path)) from e
 
     def close(self, then: Callable[[str], None]) -> None:
         """Write what is pending and close, then call ``then(sha256 hex digest)``, all on

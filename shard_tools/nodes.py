@@ -10,19 +10,16 @@ byte-identical to a one-machine conversion with the same settings.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import multiprocessing
-import shutil
 from pathlib import Path
 
 from pipeline.errors import ConversionError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools.convert import Source, split_plan, staging_source
-from shard_tools.parallel import write_shard_job
-from shard_tools.staging import append_progress, is_sound, read_progress, resume_key, start_progress, write_atomic
+from shard_tools.parallel import run_jobs, slice_jobs
+from shard_tools.staging import is_sound, read_progress, resume_key, start_progress, write_atomic
 
 log = logging.getLogger(__name__)
 NODE_MANIFEST = "manifest.node-{rank}-of-{nodes}.json"
@@ -49,16 +46,17 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
     if done:
         log.info("%s: node %d keeps %d sound shard(s) of an interrupted run", split_dir, node_rank, len(done))
     mine = node_shards(len(order), max_samples, num_nodes, node_rank)
-    jobs = [(source, schema, i, order[i * max_samples:(i + 1) * max_samples], split_dir)
-            for i in mine if f"{source.split}-{i:06d}.tar" not in done]
-    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        for info in (pool.imap_unordered(write_shard_job, jobs) if pool is not None else map(write_shard_job, jobs)):
-            done[info.name] = info  # recorded as each shard lands: a kill loses only shards in flight
-            append_progress(progress, info)
-    written = [done[f"{source.split}-{i:06d}.tar"] for i in mine]
+    todo = [i for i in mine if f"{source.split}-{i:06d}.tar" not in done]
+    jobs = slice_jobs(source, schema, order, todo, max_samples=max_samples, directory=split_dir,
+                      progress=progress, workers=workers)
+    for _, shards in run_jobs(jobs, workers):
+        done.update((s.name, s) for s in shards)  # each recorded in the progress log as it landed
+    names = [(i, f"{source.split}-{i:06d}.tar") for i in mine]
+    written = [done[name] for _, name in names if name in done]
     planned = -(-len(order) // max_samples)
     node = {"schema": schema.to_dict(), "num_nodes": num_nodes, "node_rank": node_rank,
-            "planned_shards": planned, "shards": [vars(s) for s in written]}
+            "planned_shards": planned, "shards": [vars(s) for s in written],
+            "empty_shards": [i for i, name in names if name not in done]}  # every sample skipped by the format
     write_atomic(split_dir / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
                 json.dumps(node, sort_keys=True, indent=2) + "\n")
     progress.unlink(missing_ok=True)
@@ -84,10 +82,9 @@ def merge_manifests(out: str | Path) -> dict[str, Manifest]:
         raise ConversionError("; ".join(problems))
     for split_dir, manifest in merged.items():
         write_atomic(split_dir / MANIFEST_NAME, manifest.to_json())
-        for path in [*split_dir.glob("manifest.node-*-of-*.json"), *split_dir.glob(".progress.node-*-of-*.json")]:
+        for path in [*split_dir.glob("manifest.node-*-of-*.json"), *split_dir.glob(".progress.node-*-of-*.jsonl"),
+                     *split_dir.glob("*.tar.partial")]:  # shards a killed node had in flight
             path.unlink()
-        for leftover in split_dir.glob(".worker-*"):  # staging of shards a killed node had in flight
-            shutil.rmtree(leftover, ignore_errors=True)
     return {split_dir.name: manifest for split_dir, manifest in merged.items()}
 
 
@@ -103,7 +100,8 @@ def _merged_split(split_dir: Path) -> Manifest:
     missing_nodes = sorted(set(range(first["num_nodes"])) - {n["node_rank"] for n in nodes})
     shards = {s["name"]: ShardInfo(**s) for n in nodes for s in n["shards"]}
     schema = DatasetSchema.from_dict(first["schema"])
-    expected = [f"{schema.split}-{i:06d}.tar" for i in range(first["planned_shards"])]
+    empty = {i for n in nodes for i in n.get("empty_shards", [])}
+    expected = [f"{schema.split}-{i:06d}.tar" for i in range(first["planned_shards"]) if i not in empty]
     absent = [name for name in expected if name not in shards or not (split_dir / name).is_file()
               or (split_dir / name).stat().st_size != shards[name].bytes]
     if absent or missing_nodes:

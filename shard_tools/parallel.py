@@ -1,24 +1,36 @@
-"""Parallel conversion where every worker writes whole shards.
+"""Conversion by planned slices: shard ``i`` of a split is samples ``order[i*S:(i+1)*S]``.
 
-When shards are limited by sample count only, shard ``i`` of a split is samples
-``order[i*S:(i+1)*S]`` whoever writes it, so ``N`` worker processes can each write whole
-shards (read, encode, hash, write) and the result is byte-identical to one process. The
-parent only records progress (for resume, any sound shard is kept) and publishes the
-split, manifest last.
+When shards are limited by sample count only, every shard's samples are known before
+anything is read, so any process can write any shard, and the result is byte-identical
+whoever writes it: one process, ``N`` worker processes, or nodes of a cluster
+(:mod:`shard_tools.nodes`). A sample the source format skips (a bad file) leaves its
+shard one shorter; a slice with no sample left gives no shard (its number is unused).
+
+Work goes out as runs of consecutive shards, each run written by one :class:`ShardWriter`
+in shared mode (its sha256 and writes on a thread that keeps going across shard
+boundaries), straight into the split's staging directory, each finished shard recorded
+in the progress log by the process that wrote it, so a kill loses only shards in flight.
+The parent publishes the split, manifest last.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
+from pipeline.errors import ConversionError
 from pipeline.manifest import Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools import staging
 from shard_tools.convert import Source, prepare_blocks, split_plan, staging_source
 from shard_tools.writer import STAGING_DIR, ShardWriter, publish_staged
+
+MAX_RUN = 16  # shards per job at most: finer jobs balance the workers' loads
 
 
 @dataclass
@@ -40,35 +52,81 @@ class StagedSplit:
         shutil.rmtree(self.staging_dir, ignore_errors=True)
 
 
-def _write_shard(source: Source, schema: DatasetSchema, index: int, samples: list[int], out_dir: Path) -> ShardInfo:
-    """Shard ``index`` of ``samples``, built in ``out_dir/.worker-<index>`` and moved into ``out_dir``."""
-    writer = ShardWriter(out_dir, schema, max_samples=len(samples), max_bytes=None, publish_on_exit=False,
-                         first_index=index, staging_dir=f".worker-{index}")
+@dataclass(frozen=True)
+class SliceJob:
+    """Shards ``indices`` (consecutive slices of the order) of a split, written into
+    ``directory`` with finished shards recorded in ``progress``."""
+
+    source: Source
+    schema: DatasetSchema
+    slices: tuple[tuple[int, Sequence[int]], ...]  # (shard number, its samples)
+    max_samples: int
+    directory: Path
+    progress: Path
+
+    @property
+    def planned(self) -> int:
+        """Samples planned for the job's shards (those a format skips included)."""
+        return sum(len(samples) for _, samples in self.slices)
+
+
+def write_slices(job: SliceJob) -> tuple[int, list[ShardInfo]]:
+    """Write a job's shards (one job of a worker pool, or all of them in one process);
+    its planned sample count and the shards written."""
+    writer = ShardWriter(job.directory, job.schema, max_samples=job.max_samples, max_bytes=None,
+                         publish_on_exit=False, staging_dir=".", shared=True, progress=job.progress,
+                         first_index=job.slices[0][0])
     with writer:
-        for keys, members, columns, _ in prepare_blocks(source, schema, samples):
-            writer.write_block(keys, members, columns)
-    return writer.move_shards()[0]
+        for index, samples in job.slices:
+            writer.next_shard(index)
+            for keys, members, columns, _ in prepare_blocks(job.source, job.schema, samples):
+                writer.write_block(keys, members, columns)
+    return job.planned, writer.shards
 
 
-def write_shard_job(job: tuple[Source, DatasetSchema, int, list[int], Path]) -> ShardInfo:
-    """Write shard ``index`` (the given samples) into ``out_dir``; one job of a worker pool."""
-    return _write_shard(*job)
+def slice_jobs(source: Source, schema: DatasetSchema, order: Sequence[int], shards: Sequence[int], *,
+               max_samples: int, directory: Path, progress: Path, workers: int) -> list[SliceJob]:
+    """``shards`` (numbers, increasing) as jobs of up to :data:`MAX_RUN` shards, about four
+    jobs per worker."""
+    size = max(1, min(MAX_RUN, len(shards) // (4 * workers)))
+    runs = [shards[start:start + size] for start in range(0, len(shards), size)]
+    return [SliceJob(source, schema, tuple((i, order[i * max_samples:(i + 1) * max_samples]) for i in run),
+                     max_samples, directory, progress) for run in runs]
 
 
-def stage_split_parallel(source: Source, out: Path, *, shuffle: bool, seed: int, max_samples: int,
-                         workers: int) -> StagedSplit:
-    """Write a split's shards with ``workers`` processes, each shard whole by one of them."""
+def run_jobs(jobs: Sequence[SliceJob], workers: int) -> Iterator[tuple[int, list[ShardInfo]]]:
+    """:func:`write_slices` of each job as it finishes: in this process, or in a pool of
+    forked workers."""
+    if workers == 1 or len(jobs) <= 1:
+        yield from map(write_slices, jobs)
+        return
+    with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap_unordered(write_slices, jobs)
+
+
+def stage_split_slices(source: Source, out: Path, *, shuffle: bool, seed: int, max_samples: int,
+                       workers: int) -> StagedSplit:
+    """Write a split's shards as planned slices with ``workers`` processes (see the module)."""
     schema, order = split_plan(source, shuffle=shuffle, seed=seed)
     key = staging.resume_key(schema, order, staging_source(source), (max_samples, None))
     staged = StagedSplit(out / source.split, schema, [])
     staged.staging_dir.mkdir(parents=True, exist_ok=True)
     done = {s.name: s for s in staging.resume(staged.staging_dir, key, prefix=False)}
     names = [f"{source.split}-{i:06d}.tar" for i in range(-(-len(order) // max_samples))]
-    todo = [(source, schema, i, order[i * max_samples:(i + 1) * max_samples], staged.staging_dir)
-            for i, name in enumerate(names) if name not in done]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for info in pool.imap_unordered(write_shard_job, todo):
-            done[info.name] = info  # recorded as each shard lands, so a kill loses only shards in flight
-            staging.append_progress(staged.staging_dir / staging.PROGRESS, info)
-    staged.shards = [done[name] for name in names]
+    todo = [i for i, name in enumerate(names) if name not in done]
+    jobs = slice_jobs(source, schema, order, todo, max_samples=max_samples, directory=staged.staging_dir,
+                      progress=staged.staging_dir / staging.PROGRESS, workers=workers)
+    try:
+        with tqdm(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample", disable=None,
+                  leave=False) as bar:
+            bar.update(len(order) - sum(job.planned for job in jobs))
+            for planned, shards in run_jobs(jobs, workers):
+                done.update((s.name, s) for s in shards)
+                bar.update(planned)
+    except Exception:  # an error: nothing of this run stays (an interrupt keeps sound shards for a resume)
+        staged.abort()
+        raise
+    staged.shards = [done[name] for name in names if name in done]
+    if not staged.shards:
+        raise ConversionError(f"{staged.out_dir}: no samples were written for split {source.split!r}")
     return staged

@@ -73,12 +73,18 @@ class ShardWriter:
     always holds at least one sample. Use as a context manager: leaving the block
     normally publishes the shards and manifest (or, with ``publish_on_exit=False``,
     leaves them staged for :meth:`publish`); leaving it with an error publishes nothing.
+
+    With ``shared=True`` the staging directory belongs to a caller that runs several
+    writers (processes writing a split's shards, numbered by :meth:`next_shard`): it is
+    neither cleared nor resumed, finished shards stay in it under their final names and
+    are recorded in ``progress``, and nothing is published.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], schema: DatasetSchema, *,
                  max_samples: int | None = DEFAULT_MAX_SAMPLES,
                  max_bytes: int | None = DEFAULT_MAX_BYTES, publish_on_exit: bool = True,
-                 resume_key: str | None = None, first_index: int = 0, staging_dir: str = STAGING_DIR) -> None:
+                 resume_key: str | None = None, first_index: int = 0, staging_dir: str = STAGING_DIR,
+                 shared: bool = False, progress: Path | None = None) -> None:
         if max_samples is not None and max_samples < 1:
             raise ConversionError(f"max_samples: expected >= 1, found {max_samples}")
         if max_bytes is not None and max_bytes < 1:
@@ -91,6 +97,8 @@ class ShardWriter:
         self.resume_key = resume_key  # keep sound shards of an interrupted run with this key
         self._header = tar_member(HEADER_MEMBER, header_bytes(schema))
         self._staging = self.out_dir / staging_dir
+        self.shared = shared
+        self._progress = progress if shared else (None if resume_key is None else self._staging / staging.PROGRESS)
         self.first_index = first_index  # number of the first shard (a node writes shards i, i+N, ...)
         self._shards: list[ShardInfo] = []  # finished shards: appended on the write-behind thread
         self._started = 0  # shards started, kept ones included (names the next one)
@@ -101,25 +109,26 @@ class ShardWriter:
         self.manifest: Manifest | None = None
 
     def __enter__(self) -> ShardWriter:
-        if self.resume_key is not None and self._staging.is_dir():
+        if self.shared:
+            self._staging.mkdir(parents=True, exist_ok=True)
+        elif self.resume_key is not None and self._staging.is_dir():
             self._shards = staging.resume(self._staging, self.resume_key)
             self._started = len(self._shards)
         else:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging.mkdir(parents=True)
-            if self.resume_key is not None:
-                staging.start_progress(self._staging / staging.PROGRESS, self.resume_key)
+            if self._progress is not None and self.resume_key is not None:
+                staging.start_progress(self._progress, self.resume_key)
         return self
 
     @property
-    def resumed_samples(self) -> int:
-        """Samples in the shards kept from an interrupted run (written before this one)."""
-        return sum(s.samples for s in self._shards)
+    def staging_dir(self) -> Path:
+        return self._staging
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
-            if issubclass(exc_type, Exception) or self.resume_key is None:
+            if issubclass(exc_type, Exception) or self._progress is None:
                 self.abort()
             else:  # interrupted: keep finished shards for a resume
                 if self._file is not None:
@@ -128,8 +137,23 @@ class ShardWriter:
                 self._writes.wait()
             return
         self._finish()
-        if self.publish_on_exit:
+        if self.publish_on_exit and not self.shared:
             self.publish()
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        """The finished shards (complete once the ``with`` block is left)."""
+        return list(self._shards)
+
+    def next_shard(self, index: int) -> None:
+        """Finish the open shard, if any; the next sample starts shard number ``index``
+        (never one used before), so a shard can hold exactly a planned slice of samples."""
+        if self.first_index + self._started > index:
+            raise ConversionError(f"{self._staging}: shard {index} asked for after shard "
+                                  f"{self.first_index + self._started - 1}; shard numbers only go up")
+        if self._file is not None:
+            self._finish_shard(self._file)
+        self._started = index - self.first_index
 
     def write(self, key: str, members: Sequence[tuple[str, bytes]], labels: Columns | None = None) -> None:
         """Append one sample: ``members`` are ``(extension, data)`` pairs, written in order.
@@ -223,14 +247,14 @@ class ShardWriter:
         os.replace(partial, final)
         info = ShardInfo(final.name, count, size, sha)
         self._shards.append(info)
-        if self.resume_key is not None:
-            staging.append_progress(self._staging / staging.PROGRESS, info)
+        if self._progress is not None:
+            staging.append_progress(self._progress, info)
 
     def _finish(self) -> None:
         if self._file is not None:
             self._finish_shard(self._file)
         self._writes.wait()
-        if not self._shards:
+        if not self._shards and not self.shared:
             self.abort()
             raise ConversionError(f"{self.out_dir}: no samples were written for split "
                                   f"{self.schema.split!r}")
@@ -241,21 +265,18 @@ class ShardWriter:
         self.manifest = publish_staged(self.out_dir, self._staging, self.schema, self._shards)
         return self.manifest
 
-    def move_shards(self) -> list[ShardInfo]:
-        """Move the staged shards into place without touching any other file or writing a
-        manifest (a node's share; ``shards manifest`` writes the split's manifest)."""
-        for shard in self._shards:
-            os.replace(self._staging / shard.name, self.out_dir / shard.name)
-        shutil.rmtree(self._staging)
-        return list(self._shards)
-
     def abort(self) -> None:
         """Drop everything staged; earlier output in ``out_dir`` stays as it was."""
+        partial = None
         if self._file is not None:
+            partial = self._file.path
             self._file.discard()
             self._file = None
         try:
             self._writes.wait()
         except OSError as e:  # the write that failed: already reported, or the cause of what is
             log.debug("%s: discarding a staged shard after a failed write: %s", self._staging, e)
-        shutil.rmtree(self._staging, ignore_errors=True)
+        if not self.shared:
+            shutil.rmtree(self._staging, ignore_errors=True)
+        elif partial is not None:  # a shared directory keeps the finished shards: its owner decides
+            partial.unlink(missing_ok=True)

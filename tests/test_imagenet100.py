@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -25,12 +26,10 @@ from shard_tools.converters.class_lists import builtin_class_list
 from shard_tools.converters.imagenet100 import (
     NOT_RGB,
     OK,
-    UNREADABLE,
     Probe,
     configure,
     probe,
     probe_bytes,
-    probe_file,
 )
 from shard_tools.converters.jpeg_header import jpeg_header
 from shard_tools.synthetic_imagenet import generate_imagenet100, read_class
@@ -52,7 +51,7 @@ def make_source(tmp_path: Path, lines: str = "\n".join(WNIDS), **kwargs: object)
 
 
 def source_files(src: Path, split: str, wnids: tuple[str, ...]) -> list[tuple[Path, int]]:
-    """Test oracle: the kept files in sample order (list position, then file name)."""
+    """Test oracle: the listed files in sample order (list position, then file name)."""
     return [(f, label) for label, w in enumerate(wnids) for f in sorted((src / split / w).glob("*.JPEG"))]
 
 
@@ -193,11 +192,13 @@ def test_bad_file(tmp_path: Path, caplog, kind: str, on_bad: str) -> None:
     kept = on_bad == "convert" and kind != "unreadable"
     action = "re-encoded as an RGB JPEG" if kept else "skipped"
     assert caplog.text.count(f"{bad.name}: ") == 1 and f": {action}" in caplog.text
-    assert f"1 bad file(s): {int(kept)} re-encoded, {int(not kept)} skipped; {6 + kept} samples" in caplog.text
+    assert ("1 of 7 samples skipped as bad input (see the warnings above); 6 written" in caplog.text) == (not kept)
     assert manifests["train"].num_samples == 6 + kept
-    expected = [(f, label) for f, label in source_files(src, "train", WNIDS) if kept or f != bad]
     samples = read_shards(out)["train"]
-    for index, (path, label) in enumerate(expected):
+    for index, (path, label) in enumerate(source_files(src, "train", WNIDS)):  # keys: positions in the listing
+        if path == bad and not kept:
+            assert index not in samples
+            continue
         image, found = samples[index]
         assert found == label
         if path == bad:
@@ -301,7 +302,7 @@ SAMPLES = {
     "jpeg-exif-no-dpi": lambda: _encoded("RGB", "JPEG", exif=_exif()),
     "jpeg-exif-dpi": lambda: _encoded("RGB", "JPEG", exif=_exif(), dpi=(72, 72)),
     "jpeg-icc-comment": lambda: _encoded("RGB", "JPEG", icc_profile=b"\0" * 3000, comment=b"hello"),
-    "jpeg-long-header": lambda: _encoded("L", "JPEG", comment=b"c" * 40000),  # beyond HEAD_BYTES
+    "jpeg-long-header": lambda: _encoded("L", "JPEG", comment=b"c" * 40000),
     "jpeg-quality-100": lambda: _encoded("RGB", "JPEG", quality=100, qtables="web_high"),
     "mpo": _mpo,
     **{f"png-{mode}": (lambda mode=mode: _encoded(mode, "PNG")) for mode in ("L", "RGB", "P", "LA", "RGBA", "I;16")},
@@ -322,9 +323,8 @@ def test_fast_probe_matches_pillow(tmp_path: Path, name: str) -> None:
     _same(probe_bytes(data), expected)
     path = tmp_path / "x.JPEG"
     path.write_bytes(data)
-    found, nbytes = probe_file(path)
-    _same(found, probe(path))
-    assert nbytes == (0 if found.kind == UNREADABLE else len(data))
+    from_file = probe(path)  # Pillow names the file instead of a BytesIO in its detail
+    assert (from_file.kind, from_file.size) == (expected.kind, expected.size)
     if name.startswith("jpeg-"):  # these the fast walk decides itself, except EXIF Pillow parses for a DPI
         assert (jpeg_header(data) is None) == (name == "jpeg-exif-no-dpi")
         assert expected.kind == (OK if name.split("-")[1] not in ("L", "CMYK", "ycck", "long") else NOT_RGB)
@@ -355,30 +355,87 @@ def test_fast_probe_matches_pillow_on_damaged_headers(name: str, edits: list[tup
     _same(probe_bytes(bytes(data)), _pillow(bytes(data)))
 
 
-def test_file_changed_since_the_scan(tmp_path: Path) -> None:
+def test_file_gone_since_the_listing(tmp_path: Path) -> None:
     src, class_file = make_source(tmp_path)
     fmt = configure(class_list=str(class_file))
     assert fmt.count_samples(src, "train") == 6
     path = Path(fmt.files(src, "train").paths[3])
-    _write_bad(path, "gray")  # the same name, so the cached scan still lists it as RGB
-    with pytest.raises(ConversionError, match=rf"{path.name}: sample 3: was 'ok' when the split was scanned, "
-                                              r"now 'not RGB' \(mode L\); did it change\?"):
+    path.unlink()
+    (path.parent / "x").mkdir()
+    (path.parent / "x").rmdir()  # the class directory's mtime moves on: the listing is made again
+    assert fmt.count_samples(src, "train") == 5
+    listed = fmt.files(src, "train")
+    gone = Path(listed.paths[2])
+    stamp = gone.parent.stat()
+    gone.unlink()  # gone after the listing, and its directory's time put back: the listing stays
+    os.utime(gone.parent, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with pytest.raises(ConversionError, match=rf"{gone.name}: sample 2: cannot read it"):
         list(fmt.iter_blocks(src, "train"))
+    (gone.parent / "x").mkdir()  # now listed again, one file short of the plan
+    with pytest.raises(ConversionError, match=r"train: sample 4 planned, but the split lists 4 files now"):
+        list(fmt.iter_blocks(src, "train", [0, 4]))
 
 
-def test_workers_scan_in_a_pool_only_when_the_scan_is_not_cached(tmp_path: Path, monkeypatch) -> None:
-    import shard_tools.convert as convert_module
+@pytest.mark.parametrize(("workers", "max_bytes"), [(1, None), (2, None), (2, 10**9)])
+def test_each_file_is_read_once(tmp_path: Path, monkeypatch, workers: int, max_bytes: int | None) -> None:
+    """No scan before writing: a file is opened once, when its sample is written (counted
+    in this process, or, with workers, in the pool processes, through a log)."""
+    import builtins
 
-    src, class_file = make_source(tmp_path)
-    real, pools = convert_module._pool_map, []
+    src, class_file = make_source(tmp_path, n_train=5, bad_files=True)
+    opened, real_open = tmp_path / "opened.txt", builtins.open
 
-    def counted(workers, fn, items):  # type: ignore[no-untyped-def]
-        pools.append(len(items))
-        return real(workers, fn, items)
+    def logged(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(file).endswith((".JPEG", ".jpg", ".jpeg")):
+            with real_open(opened, "a") as f:
+                f.write(f"{file}\n")
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "_pool_map", counted)
-    options = {"class_list": str(class_file)}
-    first = convert("imagenet100", src, tmp_path / "a", options=options, workers=2, max_bytes=None)
-    assert pools == [3, 3]  # train and val: the 3 class directories of each, classified in a pool
-    again = convert("imagenet100", src, tmp_path / "b", options=options, workers=2, max_bytes=None)
-    assert pools == [3, 3] and again == first  # the same directories, unchanged: scanned already
+    monkeypatch.setattr(builtins, "open", logged)
+    convert("imagenet100", src, tmp_path / "out", options={"class_list": str(class_file), "on_bad": "skip"},
+            workers=workers, max_samples=4, max_bytes=max_bytes)
+    monkeypatch.setattr(builtins, "open", real_open)
+    reads = opened.read_text().splitlines()
+    images = [p for p in src.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg")]
+    assert sorted(reads) == sorted(map(str, images))
+
+
+def _digests(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("max_bytes", [None, 10**9])
+def test_skipped_files_leave_output_independent_of_workers_and_resumable(tmp_path: Path, monkeypatch,
+                                                                         max_bytes: int | None) -> None:
+    """Skipped files shorten their shard (planned slices) or the stream; either way 1 and
+    2 workers give the same bytes, and a run interrupted after its first shards resumes
+    from the right sample (the kept shards cover more positions than samples)."""
+    import shard_tools.converters.imagenet100 as imagenet100
+    from shard_tools.writer import ShardWriter
+
+    monkeypatch.setattr(imagenet100, "FILES_PER_BLOCK", 4)
+    src, class_file = make_source(tmp_path, n_train=6, bad_files=True)
+    options = {"class_list": str(class_file), "on_bad": "skip"}
+
+    def run(out: Path, workers: int = 1) -> dict[str, dict]:
+        return convert("imagenet100", src, out, options=options, max_samples=3, max_bytes=max_bytes, workers=workers)
+
+    one, two = run(tmp_path / "one"), run(tmp_path / "two", workers=2)
+    assert one == two and _digests(tmp_path / "one") == _digests(tmp_path / "two")
+    listed = configure(**options).count_samples(src, "train")
+    assert 0 < one["train"].num_samples < listed
+    real, calls = ShardWriter.write_block, []
+
+    def interrupted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardWriter, "write_block", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "resumed")
+    assert list((tmp_path / "resumed" / "train" / ".staging").glob("train-*.tar"))
+    assert run(tmp_path / "resumed") == one
+    assert _digests(tmp_path / "resumed") == _digests(tmp_path / "one")

@@ -84,8 +84,9 @@ def test_interrupted_node_share_keeps_its_sound_shards(tmp_path: Path, source: P
     assert (out / "train" / "train-000000.tar").stat().st_mtime_ns == first
     assert not list((out / "train").glob(".progress.*"))
     convert("vimh", source, out, max_samples=40, max_bytes=None, num_nodes=2, node_rank=1, workers=2)
-    (out / "train" / ".worker-5" / "train-000005.tar.partial").mkdir(parents=True)  # as a SIGKILL leaves it
+    (out / "train" / "train-000005.tar.partial").write_bytes(b"cut")  # as a SIGKILL leaves them
+    (out / "train" / ".progress.node-1-of-2.jsonl").write_text('{"key": "k"}\n')
     merge_manifests(out)
-    assert not list((out / "train").glob(".worker-*")) and not list((out / "train").glob(".progress.*"))
+    assert not list((out / "train").glob("*.partial")) and not list((out / "train").glob(".progress.*"))
     convert("vimh", source, tmp_path / "single", max_samples=40, max_bytes=None)
     assert digests(out) == digests(tmp_path / "single")

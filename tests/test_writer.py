@@ -184,6 +184,49 @@ def test_error_inside_the_writer_publishes_nothing(tmp_path: Path) -> None:
     assert not list((tmp_path / "x").iterdir())
 
 
+@pytest.mark.parametrize(("workers", "max_bytes"), [(1, None), (2, None), (1, 10**9)])
+def test_failed_write_on_the_write_behind_thread(tmp_path: Path, vimh_source, monkeypatch, workers: int,
+                                                 max_bytes: int | None) -> None:
+    """A disk error while a shard is written (say, a full disk) reaches the caller naming the
+    shard; no shard after it is finished, and nothing is published or left staged."""
+    import errno
+
+    from shard_tools import hashing_file
+
+    src, real, calls = vimh_source(n_train=600), hashing_file.write_all, []
+
+    def failing(fd: int, data: bytes) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(hashing_file, "write_all", failing)
+    with pytest.raises(OSError, match=r"cannot write .*/train-00000\d\.tar\.partial: No space left on device"):
+        convert("vimh", src, tmp_path / "out", max_samples=50, max_bytes=max_bytes, workers=workers)
+    assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
+
+
+def test_write_behind_stops_at_the_first_failure_and_still_closes(tmp_path: Path) -> None:
+    from shard_tools.hashing_file import WriteBehind
+
+    done: list[str] = []
+    writes = WriteBehind(depth=2)
+
+    def fail() -> None:
+        raise OSError("first failure")
+
+    writes.submit(done.append, "before")
+    writes.submit(fail)
+    with pytest.raises(OSError, match="first failure"):  # raised at a later submit, or at wait
+        writes.submit(done.append, "skipped")
+        writes.submit(done.append, "closed", always=True)
+        writes.wait()
+    writes.submit(done.append, "closed after", always=True)
+    writes.wait()
+    assert done[0] == "before" and done[-1] == "closed after" and "skipped" not in done
+
+
 def test_failure_in_a_later_split_publishes_no_split(tmp_path: Path, vimh_source, monkeypatch) -> None:
     src = vimh_source()
     real = vimh.iter_blocks

@@ -90,14 +90,24 @@ def splits(src: Path) -> tuple[str, ...]:
 
 
 def _load(src: Path, split: str) -> CifarSplit:
-    """One split of either layout, every label checked against its head's class count."""
+    """One split of either layout, every label checked against its head's class count;
+    loaded once per state of its files (every worker process calls this per shard)."""
     files = _files(src)
     if split not in files:
         raise ConversionError(f"{src}: unknown split {split!r}; CIFAR-100 has {list(files)}")
     path = src / files[split]
     if not path.is_file():
         raise ConversionError(f"{src}: split {split!r}: expected {path.name}, found no such file")
-    data = _load_mh(src, split, path) if files is MH_FILES else _load_standard(src, split, path)
+    described_by = tuple(stat_key(src / name) for name in (*METADATA_FILES, META_FILE) if (src / name).is_file())
+    return _load_checked(src, split, stat_key(path), described_by)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_checked(src: Path, split: str, key: tuple[str, int, int],
+                  described_by: tuple[tuple[str, int, int], ...]) -> CifarSplit:
+    """:func:`_load` of the files as they are at ``key`` and ``described_by``."""
+    path = Path(key[0])
+    data = _load_mh(src, split, path) if _files(src) is MH_FILES else _load_standard(src, split, path)
     limits = np.array([h.num_classes for h in data.schema.heads])
     bad = np.argwhere((data.labels < 0) | (data.labels >= limits))  # row-major: first sample first
     if len(bad):

@@ -2,12 +2,13 @@
 and ``SRC/val/<wnid>/*.JPEG``. A class list (the CMC list by default, the H-JEPA list or a
 file) picks the 100 classes; labels are positions in the list, in one class head ``label``.
 
-JPEGs pass through byte-for-byte unless ``resize`` is set. Every file is classified when a
-split is first scanned (from its header only: :func:`probe`), so files that are not RGB
-JPEGs are converted, skipped or an error (``on_bad``) before anything is written, and
-counts and sample indices are fixed. Options come through :func:`configure`; the module-level
-functions are the format with default options.
-"""
+JPEGs pass through byte-for-byte unless ``resize`` is set. Listing a split reads only its
+directories: sample ``i`` is the ``i``-th file (by label, then name), whatever it holds.
+Each file is read once, when its sample is written, and classified from the bytes in
+hand (:func:`probe_bytes`); a file that is not an RGB JPEG is re-encoded, skipped or an
+error (``on_bad``), with one warning per file, and a skipped file leaves its shard one
+sample shorter. Options come through :func:`configure`; the module-level functions are
+the format with default options."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import functools
 import io
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from PIL import Image
 from pipeline.errors import ConversionError, SchemaError
 from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
 from shard_tools import __version__
-from shard_tools.converters import BLOCK_BYTES, SampleBlock, blocks_of
+from shard_tools.converters import SampleBlock, blocks_of
 from shard_tools.converters.class_lists import BUILTIN_LISTS, ClassList, load_class_list
 from shard_tools.converters.jpeg_header import jpeg_header
 
@@ -41,7 +42,7 @@ DEFAULT_QUALITY = 90
 IMAGE = ImageSpec(height=None, width=None, channels=3, encoding="jpg", layout="HWC")
 OK, NOT_RGB, NOT_JPEG, UNREADABLE = "ok", "not RGB", "not a JPEG", "unreadable"
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-HEAD_BYTES = 16384  # what the scan reads of a file first; the rest only if its header is longer
+FILES_PER_BLOCK = 64  # files read per block of samples
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Probe:
 
 def probe(file: str | Path | io.BytesIO) -> Probe:
     """Classify an image without decoding its pixels: what Pillow says of its header.
-    :func:`probe_bytes` and :func:`probe_file` give the same answers, faster."""
+    :func:`probe_bytes` gives the same answers, faster."""
     try:
         with Image.open(file) as image:
             fmt, mode, size = image.format, image.mode, image.size
@@ -113,34 +114,13 @@ def probe_bytes(data: bytes) -> Probe:
     return probe(io.BytesIO(data)) if found is None else found
 
 
-def probe_file(path: str | Path) -> tuple[Probe, int]:
-    """:func:`probe` of a file and its size in bytes, reading only its first
-    :data:`HEAD_BYTES` when the JPEG header ends there."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(HEAD_BYTES)
-            found = _fast(data)
-            if found is None and len(data) == HEAD_BYTES:
-                data += f.read()
-                found = _fast(data)
-            if found is not None:
-                return found, os.fstat(f.fileno()).st_size
-    except OSError:
-        pass  # Pillow fails the same way and says why
-    found = probe(path)
-    return found, (0 if found.kind == UNREADABLE else os.stat(path).st_size)
-
-
 @dataclass(frozen=True)
 class SplitFiles:
-    """A split's kept files in sample order (label, then file name), with each file's
-    label and :class:`Probe` kind; ``nbytes`` is their total size."""
+    """A split's image files in sample order (label, then file name) and their labels."""
 
     root: Path
     paths: tuple[str, ...]  # strings, not Path objects: a split can hold a million
     labels: np.ndarray
-    kinds: tuple[str, ...]
-    nbytes: int
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -151,37 +131,29 @@ def _stamp(root: Path, wnids: Sequence[str]) -> tuple[int, ...]:
     return tuple(p.stat().st_mtime_ns if p.is_dir() else -1 for p in (root, *(root / w for w in wnids)))
 
 
-def _probe_class(directory: Path) -> list[tuple[str, str, str, int]]:
-    """(file name, kind, detail, size) from :func:`probe_file` of every image file of one
-    class directory, in name order (plain tuples: cheap to send back from a pool worker)."""
-    names = sorted(e.name for e in os.scandir(directory)
-                   if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in EXTENSIONS)
-    probed = []
-    for name in names:
-        found, nbytes = probe_file(os.path.join(directory, name))
-        probed.append((name, found.kind, found.detail, nbytes))
-    return probed
+def _image_names(directory: Path) -> list[str]:
+    """The image files of one class directory, in name order."""
+    with os.scandir(directory) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".")
+                      and os.path.splitext(e.name)[1].lower() in EXTENSIONS and e.is_file())
 
 
-Probed = list[tuple[str, str, str, int]]
-MapFn = Callable[[Callable[[Path], Probed], list[Path]], Iterable[Probed]]
-_SCANS: dict[tuple[Path, ClassList, str, tuple[int, ...]], SplitFiles] = {}  # the last few scans
-_KEEP_SCANS = 8
+_LISTED: dict[tuple[Path, ClassList, tuple[int, ...]], SplitFiles] = {}  # the last few listings
+_KEEP_LISTED = 8
 
 
-def _cached_scan(root: Path, classes: ClassList, on_bad: str, map_fn: MapFn = map) -> SplitFiles:
-    """:func:`_scan` once per state of the split's directories (their mtimes are the key)."""
-    key = (root, classes, on_bad, _stamp(root, classes.wnids))
-    if key not in _SCANS:
-        _SCANS[key] = _scan(root, classes, on_bad, map_fn)
-        while len(_SCANS) > _KEEP_SCANS:
-            del _SCANS[next(iter(_SCANS))]
-    return _SCANS[key]
+def _cached_listing(root: Path, classes: ClassList) -> SplitFiles:
+    """:func:`_list` once per state of the split's directories (their mtimes are the key)."""
+    key = (root, classes, _stamp(root, classes.wnids))
+    if key not in _LISTED:
+        _LISTED[key] = _list(root, classes)
+        while len(_LISTED) > _KEEP_LISTED:
+            del _LISTED[next(iter(_LISTED))]
+    return _LISTED[key]
 
 
-def _scan(root: Path, classes: ClassList, on_bad: str, map_fn: MapFn = map) -> SplitFiles:
-    """List and classify every file of a split (``map_fn`` over the class directories:
-    a process pool's ``map`` classifies them in parallel)."""
+def _list(root: Path, classes: ClassList) -> SplitFiles:
+    """Every image file of a split, in sample order; missing class directories are an error."""
     missing = [w for w in classes.wnids if not (root / w).is_dir()]
     if missing:
         raise ConversionError(f"{root}: {len(missing)} of the {len(classes.wnids)} classes of the {classes.source} "
@@ -191,40 +163,22 @@ def _scan(root: Path, classes: ClassList, on_bad: str, map_fn: MapFn = map) -> S
     if extra:
         log.info("%s: ignoring %d directories not in the %s class list: %s", root, len(extra), classes.source,
                  ", ".join(extra[:10]) + (", ..." if len(extra) > 10 else ""))
-    kept: list[tuple[str, int, str, int]] = []
-    bad: list[tuple[str, Probe]] = []
-    directories = [root / wnid for wnid in classes.wnids]
-    for label, (directory, probed) in enumerate(zip(directories, map_fn(_probe_class, directories), strict=True)):
-        for name, kind, detail, nbytes in probed:
-            path = os.path.join(directory, name)
-            if kind != OK:
-                bad.append((path, Probe(kind, detail)))
-            if kind == OK or (on_bad == "convert" and kind != UNREADABLE):
-                kept.append((path, label, kind, nbytes))
-    _report(root, on_bad, bad, len(kept))
-    if not kept:
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, wnid in enumerate(classes.wnids):
+        directory = os.path.join(root, wnid)
+        names = _image_names(Path(directory))
+        paths.extend(os.path.join(directory, name) for name in names)
+        labels.extend([label] * len(names))
+    if not paths:
         raise ConversionError(f"{root}: no images: expected *.JPEG files under <wnid>/ directories")
-    return SplitFiles(root, tuple(k[0] for k in kept), np.array([k[1] for k in kept], dtype=np.int64),
-                      tuple(k[2] for k in kept), sum(k[3] for k in kept))
+    return SplitFiles(root, tuple(paths), np.array(labels, dtype=np.int64))
 
 
-def _report(root: Path, on_bad: str, bad: Sequence[tuple[str, Probe]], kept: int) -> None:
-    """One warning per bad file and a summary; ConversionError for on_bad='error'."""
-    if not bad:
-        return
-    if on_bad == "error":
-        path, found = bad[0]
-        raise ConversionError(f"{path}: {found.kind} ({found.detail}); on_bad='error' refuses it "
-                              f"({len(bad)} bad file(s) under {root}; on_bad='convert' re-encodes them as "
-                              "RGB JPEGs, 'skip' leaves them out)")
-    converted = 0
-    for path, found in bad:
-        convert = on_bad == "convert" and found.kind != UNREADABLE
-        converted += convert
-        log.warning("%s: %s (%s): %s", path, found.kind, found.detail,
-                    "re-encoded as an RGB JPEG" if convert else "skipped")
-    log.warning("%s: %d bad file(s): %d re-encoded, %d skipped; %d samples", root, len(bad), converted,
-                len(bad) - converted, kept)
+def _bad_file_error(path: str, index: int, found: Probe) -> ConversionError:
+    return ConversionError(f"{path}: {found.kind} ({found.detail}); on_bad='error' refuses it (sample {index}; "
+                           "on_bad='convert' re-encodes bad files as RGB JPEGs, 'skip' leaves them out, and "
+                           "either warns once per bad file)")
 
 
 def shorter_side(size: tuple[int, int], side: int) -> tuple[int, int]:
@@ -257,19 +211,14 @@ class ImageNet100:
                                   f"found {found}")
         return present
 
-    def files(self, src: Path, split: str, map_fn: MapFn = map) -> SplitFiles:
-        """The split's kept files, scanned and classified once per state of its directories
-        (``map_fn``: how the class directories are mapped; see :func:`_scan`)."""
+    def files(self, src: Path, split: str) -> SplitFiles:
+        """The split's image files, listed once per state of its directories."""
         if split not in SPLITS:
             raise ConversionError(f"{src}: unknown split {split!r}; ImageNet has {list(SPLITS)}")
         root = src / split
         if not root.is_dir():
             raise ConversionError(f"{root}: split {split!r}: no such directory")
-        return _cached_scan(root, self.classes, self.options.on_bad, map_fn)
-
-    def prescan(self, src: Path, split: str, map_fn: MapFn) -> None:
-        """Scan a split with ``map_fn`` (a pool's ``map``) so that later calls find it done."""
-        self.files(src, split, map_fn)
+        return _cached_listing(root, self.classes)
 
     def read_schema(self, src: Path, split: str) -> DatasetSchema:
         self.files(src, split)
@@ -292,28 +241,42 @@ class ImageNet100:
 
     def iter_blocks(self, src: Path, split: str,
                     indices: Sequence[int] | None = None) -> Iterator[SampleBlock]:
-        """Blocks of about :data:`BLOCK_BYTES` of source JPEGs; each file checked as it is read."""
+        """Blocks of :data:`FILES_PER_BLOCK` files, each read once and checked as it is read;
+        a block leaves out the files ``on_bad`` skips."""
         files = self.files(src, split)
         order = range(len(files)) if indices is None else indices
-        for rows in blocks_of(order, BLOCK_BYTES * len(files) // max(1, files.nbytes)):
-            images = [self.image(files, int(i)) for i in rows]
-            yield SampleBlock(indices=rows, images=images, labels=files.labels[rows][:, None])
+        for rows in blocks_of(order, FILES_PER_BLOCK):
+            if len(rows) and rows.max() >= len(files):
+                raise ConversionError(f"{files.root}: sample {rows.max()} planned, but the split lists {len(files)} "
+                                      "files now; did it change during the conversion? Convert again")
+            kept, images = [], []
+            for i in rows.tolist():
+                image = self.image(files, i)
+                if image is not None:
+                    kept.append(i)
+                    images.append(image)
+            kept_rows = np.array(kept, dtype=np.int64)
+            yield SampleBlock(indices=kept_rows, images=images, labels=files.labels[kept_rows][:, None])
 
-    def image(self, files: SplitFiles, index: int) -> bytes:
-        """Sample ``index``'s JPEG: the file's bytes, or re-encoded (bad files, ``resize``)."""
-        path, kind = files.paths[index], files.kinds[index]
+    def image(self, files: SplitFiles, index: int) -> bytes | None:
+        """Sample ``index``'s JPEG: the file's bytes, or re-encoded (bad files, ``resize``);
+        None for a file ``on_bad`` skips (with a warning)."""
+        path = files.paths[index]
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
             raise ConversionError(f"{path}: sample {index}: cannot read it ({e})") from e
         found = probe_bytes(data)
-        if found.kind != kind:
-            raise ConversionError(f"{path}: sample {index}: was {kind!r} when the split was scanned, now "
-                                  f"{found.kind!r} ({found.detail}); did it change? Convert again")
-        side = self.options.resize
-        if kind == OK and (side is None or min(found.size) == side):
-            return data
+        side, on_bad = self.options.resize, self.options.on_bad
+        if found.kind == OK:
+            return data if side is None or min(found.size) == side else self._encode(data, path, index, found)
+        if on_bad == "error":
+            raise _bad_file_error(path, index, found)
+        if on_bad == "skip" or found.kind == UNREADABLE:
+            log.warning("%s: %s (%s): skipped", path, found.kind, found.detail)
+            return None
+        log.warning("%s: %s (%s): re-encoded as an RGB JPEG", path, found.kind, found.detail)
         return self._encode(data, path, index, found)
 
     def _encode(self, data: bytes, path: str, index: int, found: Probe) -> bytes:
@@ -358,10 +321,6 @@ def read_schema(src: Path, split: str) -> DatasetSchema:
 
 def count_samples(src: Path, split: str) -> int:
     return _default().count_samples(src, split)
-
-
-def prescan(src: Path, split: str, map_fn: MapFn) -> None:
-    _default().prescan(src, split, map_fn)
 
 
 def iter_blocks(src: Path, split: str, indices: Sequence[int] | None = None) -> Iterator[SampleBlock]:

@@ -151,3 +151,41 @@ def tar_block(keys: Sequence[str], members: Sequence[tuple[str, Member]]) -> np.
         out[:, start + BLOCK:start + BLOCK + width] = data[:, :width]
         start += BLOCK + span
     return out
+
+
+_ZEROS = memoryview(bytes(BLOCK))
+
+
+def tar_pieces(keys: Sequence[str], members: Sequence[tuple[str, Member]]) -> tuple[list[memoryview | bytes], int,
+                                                                                    np.ndarray] | None:
+    """The tar members of a block of samples whose sizes differ (JPEGs), without joining
+    them: a flat list of pieces, ``k`` per sample (header block, data and padding of each
+    member; a member of equal-sized rows as one piece per sample), and each sample's size
+    in bytes. Sample ``i``'s pieces joined equal its :func:`tar_member` bytes. None when a
+    name is not ASCII, does not fit the name field, or a member is 8 GiB or more."""
+    n = len(keys)
+    try:
+        key_bytes = np.array(keys, dtype="S")
+    except UnicodeEncodeError:
+        return None
+    columns: list[list[memoryview | bytes]] = []
+    sizes = np.zeros(n, dtype=np.int64)
+    for ext, rows in members:
+        if isinstance(rows, Rows):
+            block = tar_block(keys, [(ext, rows)])
+            if block is None:
+                return None
+            columns.append([row.data for row in block])
+            sizes += block.shape[1]
+            continue
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=n)
+        names = _name_fields(key_bytes, f".{ext}".encode())
+        if names is None or (n and lengths.max() > _MAX_FAST_SIZE):
+            return None
+        headers = tar_headers(names, lengths)
+        pads = (-lengths % BLOCK).tolist()
+        datas = [d if isinstance(d, bytes) else bytes(d) for d in rows]  # held until written: never a buffer reused
+        columns += [[row.data for row in headers], datas, [_ZEROS[:pad] for pad in pads]]
+        sizes += BLOCK + lengths + (-lengths % BLOCK)
+    pieces = [piece for sample in zip(*columns, strict=True) for piece in sample]
+    return pieces, len(columns), sizes

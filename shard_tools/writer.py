@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +29,17 @@ from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools import staging
 from shard_tools.hashing_file import HashingFile, WriteBehind
-from shard_tools.tar_format import BLOCK, RECORD, Member, Rows, tar_block, tar_end, tar_header, tar_member
+from shard_tools.tar_format import (
+    BLOCK,
+    RECORD,
+    Member,
+    Rows,
+    tar_block,
+    tar_end,
+    tar_header,
+    tar_member,
+    tar_pieces,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +173,7 @@ class ShardWriter:
             if not isinstance(data, bytes):  # held until the next flush: never a buffer the caller may reuse
                 data = memoryview(data).tobytes()
             pieces += [tar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % BLOCK)]
-        shard = self._file
-        if shard is not None and self._full(shard, sum(len(p) for p in pieces)):
-            self._finish_shard(shard)
-            shard = None
-        if shard is None:
-            shard = self._start_shard()
-        shard.write_many(pieces)
-        self._count += 1
-        self._add_columns(labels)
+        self._write_samples(pieces, len(pieces), np.array([sum(map(len, pieces))]), labels)
 
     def _add_columns(self, labels: Columns | None) -> None:
         if self._columns is not None:
@@ -183,36 +184,47 @@ class ShardWriter:
         """Append ``len(keys)`` samples at once, as :meth:`write` would one by one:
         ``members`` are ``(extension, data)`` pairs, data holding one entry per sample;
         ``labels`` are the block's per-head class and value columns."""
-        blob = tar_block(keys, members)
-        if blob is None:
-            for i, key in enumerate(keys):
-                self.write(key, [(ext, rows.row(i) if isinstance(rows, Rows) else rows[i])
-                                 for ext, rows in members], _rows(labels, i, i + 1))
+        if not len(keys):
             return
+        blob = tar_block(keys, members)
+        if blob is not None:  # every sample the same size: one row of one array each
+            self._write_samples([row.data for row in blob], 1, np.full(len(blob), blob.shape[1]), labels)
+            return
+        laid_out = tar_pieces(keys, members)
+        if laid_out is not None:
+            self._write_samples(*laid_out, labels)
+            return
+        for i, key in enumerate(keys):  # names tarfile must write (pax headers)
+            self.write(key, [(ext, rows.row(i) if isinstance(rows, Rows) else rows[i])
+                             for ext, rows in members], _rows(labels, i, i + 1))
+
+    def _write_samples(self, pieces: Sequence[bytes | memoryview], per_sample: int, sizes: np.ndarray,
+                       labels: Columns | None) -> None:
+        """Write samples given as ``per_sample`` pieces each, of ``sizes`` bytes, starting a
+        new shard wherever a limit says so (a shard always takes at least one sample)."""
         pos = 0
-        while pos < len(blob):
+        while pos < len(sizes):
             shard = self._file or self._start_shard()
-            room = self._room(shard, blob.shape[1])
+            room = self._room(shard, sizes[pos:])
             if room < 1 and self._count:
                 self._finish_shard(shard)
                 continue
-            take = min(max(room, 1), len(blob) - pos)
-            shard.write(blob[pos:pos + take].reshape(-1).data)
+            take = min(max(room, 1), len(sizes) - pos)
+            shard.write_many(pieces[pos * per_sample:(pos + take) * per_sample])
             self._count += take
             self._add_columns(_rows(labels, pos, pos + take))
             pos += take
 
-    def _room(self, shard: HashingFile, sample_size: int) -> int:
-        """How many more samples of ``sample_size`` bytes the open shard takes."""
-        room = sys.maxsize if self.max_samples is None else self.max_samples - self._count
+    def _room(self, shard: HashingFile, sizes: np.ndarray) -> int:
+        """How many of the next samples, of ``sizes`` bytes, the open shard takes."""
+        room = len(sizes) if self.max_samples is None else min(len(sizes), self.max_samples - self._count)
         if self.max_bytes is not None:  # leave room for end blocks, record padding, __labels__
             per_label = self._label_bytes if self._columns is not None else 0
             limit = self.max_bytes - self.max_bytes % RECORD - 2 * BLOCK - (3 * BLOCK if per_label else 0)
-            room = min(room, (limit - shard.size - per_label * self._count) // (sample_size + per_label))
+            budget = limit - shard.size - per_label * self._count
+            fits = int(np.searchsorted(np.cumsum(sizes[:max(room, 0)] + per_label), budget, side="right"))
+            room = min(room, fits)
         return max(room, 0)
-
-    def _full(self, shard: HashingFile, incoming: int) -> bool:
-        return self._room(shard, incoming) < 1
 
     def _shard_name(self, index: int) -> str:
         return f"{self.schema.split}-{index:06d}.tar"

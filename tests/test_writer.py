@@ -29,6 +29,7 @@ from shard_tools.tar_format import (
     tar_header,
     tar_headers,
     tar_member,
+    tar_pieces,
 )
 from shard_tools.writer import ShardWriter
 
@@ -68,6 +69,23 @@ def test_tar_block_equals_tar_members_or_declines(samples: list[tuple[str, bytes
     assert (block is not None) == (same_size and fits)
     if block is not None:
         assert [row.tobytes() for row in block] == expected
+
+
+@settings(deadline=None)
+@given(st.lists(st.tuples(KEYS, st.binary(max_size=1100), st.binary(min_size=1, max_size=80)),
+                min_size=1, max_size=12), st.sampled_from(["jpg", "labels.msgpack", "x" * 90]))
+def test_tar_pieces_equal_tar_members_or_decline(samples: list[tuple[str, bytes, bytes]], ext: str) -> None:
+    keys = [key for key, _, _ in samples]
+    images = [image for _, image, _ in samples]
+    laid_out = tar_pieces(keys, [(ext, images), ("labels.msgpack", _padded([labels for _, _, labels in samples]))])
+    fits = all(len(f"{key}.{ext}") <= 100 and len(f"{key}.labels.msgpack") <= 100 for key in keys)
+    assert (laid_out is not None) == fits
+    if laid_out is not None:
+        pieces, per_sample, sizes = laid_out
+        expected = [tar_member(f"{key}.{ext}", image) + tar_member(f"{key}.labels.msgpack", labels)
+                    for key, image, labels in samples]
+        joined = [b"".join(pieces[i * per_sample:(i + 1) * per_sample]) for i in range(len(samples))]
+        assert joined == expected and sizes.tolist() == [len(e) for e in expected]
 
 
 def _padded(datas: list[bytes]) -> Rows:

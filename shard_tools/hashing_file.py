@@ -38,9 +38,12 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 class WriteBehind:
-    """One background thread running tasks in order; see the module."""
+    """One background thread running tasks in order; see the module. With ``threaded=False``
+    each task runs at once, in the caller's thread, with the same failure rule (for worker
+    processes that already fill every core: a thread each would only add switching)."""
 
-    def __init__(self, depth: int = DEPTH) -> None:
+    def __init__(self, depth: int = DEPTH, *, threaded: bool = True) -> None:
+        self._threaded = threaded
         self._depth = depth
         self._pending: deque[Future[None]] = deque()
         self._pool: ThreadPoolExecutor | None = None
@@ -49,6 +52,9 @@ class WriteBehind:
     def submit(self, task: Callable[..., None], *args: Any, always: bool = False) -> None:
         """Run ``task(*args)`` after every task submitted before it (skipped after a failed
         task, unless ``always``: closing a file); raise the error of a finished task here."""
+        if not self._threaded:
+            self._run(task, args, always)
+            return
         if self._pool is None:  # started on first use: no thread exists when a caller forks first
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-behind")
         self._pending.append(self._pool.submit(self._run, task, args, always))  # queued even after a failure

@@ -7,10 +7,11 @@ whoever writes it: one process, ``N`` worker processes, or nodes of a cluster
 shard one shorter; a slice with no sample left gives no shard (its number is unused).
 
 Work goes out as runs of consecutive shards, each run written by one :class:`ShardWriter`
-in shared mode (its sha256 and writes on a thread that keeps going across shard
-boundaries), straight into the split's staging directory, each finished shard recorded
+in shared mode, straight into the split's staging directory, each finished shard recorded
 in the progress log by the process that wrote it, so a kill loses only shards in flight.
-The parent publishes the split, manifest last.
+The parent publishes the split, manifest last. One process hashes and writes on a thread
+that keeps going across shard boundaries (a second core's worth of work); worker processes
+hash in their own thread, since they already fill the cores.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class SliceJob:
     max_samples: int
     directory: Path
     progress: Path
+    write_behind: bool  # hash and write on a thread: when this is the only writing process
 
     @property
     def planned(self) -> int:
@@ -75,7 +77,7 @@ def write_slices(job: SliceJob) -> tuple[int, list[ShardInfo]]:
     its planned sample count and the shards written."""
     writer = ShardWriter(job.directory, job.schema, max_samples=job.max_samples, max_bytes=None,
                          publish_on_exit=False, staging_dir=".", shared=True, progress=job.progress,
-                         first_index=job.slices[0][0])
+                         first_index=job.slices[0][0], write_behind=job.write_behind)
     with writer:
         for index, samples in job.slices:
             writer.next_shard(index)
@@ -91,7 +93,7 @@ def slice_jobs(source: Source, schema: DatasetSchema, order: Sequence[int], shar
     size = max(1, min(MAX_RUN, len(shards) // (4 * workers)))
     runs = [shards[start:start + size] for start in range(0, len(shards), size)]
     return [SliceJob(source, schema, tuple((i, order[i * max_samples:(i + 1) * max_samples]) for i in run),
-                     max_samples, directory, progress) for run in runs]
+                     max_samples, directory, progress, write_behind=workers == 1 or len(runs) == 1) for run in runs]
 
 
 def run_jobs(jobs: Sequence[SliceJob], workers: int) -> Iterator[tuple[int, list[ShardInfo]]]:

@@ -184,7 +184,7 @@ def tar_pieces(keys: Sequence[str], members: Sequence[tuple[str, Member]]) -> tu
             return None
         headers = tar_headers(names, lengths)
         pads = (-lengths % BLOCK).tolist()
-        datas = [d if isinstance(d, bytes) else bytes(d) for d in rows]  # held until written: never a buffer reused
+        datas: list[memoryview | bytes] = [d if isinstance(d, bytes) else bytes(d) for d in rows]  # never reused
         columns += [[row.data for row in headers], datas, [_ZEROS[:pad] for pad in pads]]
         sizes += BLOCK + lengths + (-lengths % BLOCK)
     pieces = [piece for sample in zip(*columns, strict=True) for piece in sample]

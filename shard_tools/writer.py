@@ -86,14 +86,15 @@ class ShardWriter:
     With ``shared=True`` the staging directory belongs to a caller that runs several
     writers (processes writing a split's shards, numbered by :meth:`next_shard`): it is
     neither cleared nor resumed, finished shards stay in it under their final names and
-    are recorded in ``progress``, and nothing is published.
+    are recorded in ``progress``, and nothing is published. ``write_behind=False`` hashes and
+    writes in the calling thread (see :class:`~shard_tools.hashing_file.WriteBehind`).
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], schema: DatasetSchema, *,
                  max_samples: int | None = DEFAULT_MAX_SAMPLES,
                  max_bytes: int | None = DEFAULT_MAX_BYTES, publish_on_exit: bool = True,
                  resume_key: str | None = None, first_index: int = 0, staging_dir: str = STAGING_DIR,
-                 shared: bool = False, progress: Path | None = None) -> None:
+                 shared: bool = False, progress: Path | None = None, write_behind: bool = True) -> None:
         if max_samples is not None and max_samples < 1:
             raise ConversionError(f"max_samples: expected >= 1, found {max_samples}")
         if max_bytes is not None and max_bytes < 1:
@@ -111,7 +112,7 @@ class ShardWriter:
         self.first_index = first_index  # number of the first shard (a node writes shards i, i+N, ...)
         self._shards: list[ShardInfo] = []  # finished shards: appended on the write-behind thread
         self._started = 0  # shards started, kept ones included (names the next one)
-        self._writes = WriteBehind()
+        self._writes = WriteBehind(threaded=write_behind)  # sha256 and writes on a thread of their own
         self._file: HashingFile | None = None
         self._count = 0
         self._columns: list[Columns] | None = []  # label columns of the open shard, None once a sample lacks them

@@ -95,6 +95,7 @@ class HashingFile:
         self._sha = hashlib.sha256()
         self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
+        self._close_queued = False  # the descriptor is closed exactly once: its number may be reused
 
     def write(self, data: bytes | memoryview) -> None:
         self.write_many([data])
@@ -127,10 +128,15 @@ class HashingFile:
         """Write what is pending and close, then call ``then(sha256 hex digest)``, all on
         the thread."""
         self._flush()
-        self._writes.submit(os.close, self._fd, always=True)
+        self._queue_close()
         self._writes.submit(lambda: then(self._sha.hexdigest()))
+
+    def _queue_close(self) -> None:
+        if not self._close_queued:
+            self._close_queued = True  # set first: submit queues the task even when it raises
+            self._writes.submit(os.close, self._fd, always=True)
 
     def discard(self) -> None:
         """Close without writing what is pending (the caller removes the file)."""
         self._pending = []
-        self._writes.submit(os.close, self._fd, always=True)
+        self._queue_close()

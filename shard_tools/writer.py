@@ -141,10 +141,7 @@ class ShardWriter:
             if issubclass(exc_type, Exception) or self._progress is None:
                 self.abort()
             else:  # interrupted: keep finished shards for a resume
-                if self._file is not None:
-                    self._file.discard()
-                    self._file = None
-                self._writes.wait()
+                self._drop_open_shard()
             return
         self._finish()
         if self.publish_on_exit and not self.shared:
@@ -278,17 +275,21 @@ class ShardWriter:
         self.manifest = publish_staged(self.out_dir, self._staging, self.schema, self._shards)
         return self.manifest
 
+    def _drop_open_shard(self) -> Path | None:
+        """Close the open shard without finishing it and wait for the write-behind thread;
+        the dropped file's path. A write error here was raised already, or is what the
+        caller is handling."""
+        shard, self._file = self._file, None
+        for step in ([shard.discard] if shard is not None else []) + [self._writes.wait]:
+            try:
+                step()
+            except OSError as e:
+                log.debug("%s: after a failed write: %s", self._staging, e)
+        return None if shard is None else shard.path
+
     def abort(self) -> None:
         """Drop everything staged; earlier output in ``out_dir`` stays as it was."""
-        partial = None
-        if self._file is not None:
-            partial = self._file.path
-            self._file.discard()
-            self._file = None
-        try:
-            self._writes.wait()
-        except OSError as e:  # the write that failed: already reported, or the cause of what is
-            log.debug("%s: discarding a staged shard after a failed write: %s", self._staging, e)
+        partial = self._drop_open_shard()
         if not self.shared:
             shutil.rmtree(self._staging, ignore_errors=True)
         elif partial is not None:  # a shared directory keeps the finished shards: its owner decides

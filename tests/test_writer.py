@@ -225,6 +225,35 @@ def test_failed_write_on_the_write_behind_thread(tmp_path: Path, vimh_source, mo
     assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
 
 
+def test_a_failed_shard_file_is_closed_exactly_once(tmp_path: Path, monkeypatch) -> None:
+    """Whether the write error surfaces at the last flush, at the close or at the wait,
+    the descriptor is closed once: closing it again could close another file that got
+    the same number."""
+    import contextlib
+    import os
+
+    from shard_tools import hashing_file
+
+    def failing(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hashing_file, "write_all", failing)
+    for _ in range(20):  # the thread's timing decides where the error surfaces
+        writes = hashing_file.WriteBehind()
+        shard = hashing_file.HashingFile(tmp_path / "a.partial", writes)
+        with contextlib.suppress(OSError):
+            shard.write(bytes(hashing_file.FLUSH_BYTES))
+            shard.close(lambda sha: None)
+        with contextlib.suppress(OSError):
+            writes.wait()
+        other = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT)  # likely the number just freed
+        with contextlib.suppress(OSError):
+            shard.discard()
+            writes.wait()
+        os.fstat(other)  # still open
+        os.close(other)
+
+
 def test_write_behind_stops_at_the_first_failure_and_still_closes(tmp_path: Path) -> None:
     from shard_tools.hashing_file import WriteBehind
 

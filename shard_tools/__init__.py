@@ -1,3 +1,3 @@
 """Converters, the shard writer, the validator and inspection tools (imports ``pipeline``)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

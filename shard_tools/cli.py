@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     p.add_argument("--no-shuffle", action="store_true", help="keep source order")
     p.add_argument("--workers", type=int, default=1,
-                   help="processes that read and encode samples (the shards are the same for any number)")
+                   help="processes that read and encode samples (the shards are the same for any number); one "
+                        "process already hashes on a second core, so use about one per 1.5 cores")
     p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the conversion (see docs/conversion.md)")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0..num-nodes-1")
     p.add_argument("--work-dir", help="OUT is a URL: build the shards in a subdirectory of this before "

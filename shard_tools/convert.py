@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import ConversionError
 from pipeline.label_columns import Columns, label_columns
@@ -22,6 +21,7 @@ from pipeline.manifest import Manifest
 from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
 from pipeline.tario import iter_members, split_key
 from shard_tools.converters import SampleBlock, get_format
+from shard_tools.progress_bar import ProgressBar
 from shard_tools.remote_out import convert_remote, is_remote_output
 from shard_tools.staging import resume_key, source_fingerprint
 from shard_tools.tar_format import Member, Rows
@@ -147,7 +147,7 @@ def stage_split(source: Source, out: Path, *, shuffle: bool = True, seed: int = 
     key = resume_key(schema, order, staging_source(source), (max_samples, max_bytes))
     writer = ShardWriter(out / source.split, schema, max_samples=max_samples, max_bytes=max_bytes,
                          publish_on_exit=False, resume_key=key)
-    with writer, tqdm(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample",
+    with writer, ProgressBar(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample",
                       disable=None, leave=False) as bar:
         remaining = order[resume_position(writer, order):]
         bar.update(len(order) - len(remaining))

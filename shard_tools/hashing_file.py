@@ -127,8 +127,10 @@ class HashingFile:
     def close(self, then: Callable[[str], None]) -> None:
         """Write what is pending and close, then call ``then(sha256 hex digest)``, all on
         the thread."""
-        self._flush()
-        self._queue_close()
+        try:
+            self._flush()
+        finally:
+            self._queue_close()
         self._writes.submit(lambda: then(self._sha.hexdigest()))
 
     def _queue_close(self) -> None:

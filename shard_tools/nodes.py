@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.errors import ConversionError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
-from shard_tools.convert import Source, split_plan, staging_source
+from shard_tools.convert import Source, report_skipped, split_plan, staging_source
 from shard_tools.parallel import run_jobs, slice_jobs
 from shard_tools.staging import is_sound, read_progress, resume_key, start_progress, write_atomic
 
@@ -59,6 +59,8 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
             "empty_shards": [i for i, name in names if name not in done]}  # every sample skipped by the format
     write_atomic(split_dir / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
                 json.dumps(node, sort_keys=True, indent=2) + "\n")
+    share = [j for i in mine for j in order[i * max_samples:(i + 1) * max_samples]]
+    report_skipped(split_dir, len(share), sum(s.samples for s in written))
     progress.unlink(missing_ok=True)
     return written
 
@@ -82,7 +84,7 @@ def merge_manifests(out: str | Path) -> dict[str, Manifest]:
         raise ConversionError("; ".join(problems))
     for split_dir, manifest in merged.items():
         write_atomic(split_dir / MANIFEST_NAME, manifest.to_json())
-        for path in [*split_dir.glob("manifest.node-*-of-*.json"), *split_dir.glob(".progress.node-*-of-*.jsonl"),
+        for path in [*split_dir.glob("manifest.node-*-of-*.json"), *split_dir.glob(".progress.node-*-of-*.json*"),
                      *split_dir.glob("*.tar.partial")]:  # shards a killed node had in flight
             path.unlink()
     return {split_dir.name: manifest for split_dir, manifest in merged.items()}

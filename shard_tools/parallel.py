@@ -22,13 +22,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pipeline.errors import ConversionError
 from pipeline.manifest import Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools import staging
 from shard_tools.convert import Source, prepare_blocks, split_plan, staging_source
+from shard_tools.progress_bar import ProgressBar
 from shard_tools.writer import STAGING_DIR, ShardWriter, publish_staged
 
 MAX_RUN = 16  # shards per job at most: finer jobs balance the workers' loads
@@ -119,7 +118,7 @@ def stage_split_slices(source: Source, out: Path, *, shuffle: bool, seed: int, m
     jobs = slice_jobs(source, schema, order, todo, max_samples=max_samples, directory=staged.staging_dir,
                       progress=staged.staging_dir / staging.PROGRESS, workers=workers)
     try:
-        with tqdm(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample", disable=None,
+        with ProgressBar(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample", disable=None,
                   leave=False) as bar:
             bar.update(len(order) - sum(job.planned for job in jobs))
             for planned, shards in run_jobs(jobs, workers):

@@ -36,11 +36,14 @@ LIT, NOISE = 220, 40
 
 
 class Python2Pickler(pickle._Pickler):
-    """Pickles as Python 2's ``cPickle.dump(obj, f, 2)`` wrote the CIFAR release: ``str`` and
-    ``bytes`` both as Python 2 byte strings (``SHORT_BINSTRING``/``BINSTRING``, what
-    ``pickle.load(f, encoding=...)`` has to decode), and numpy's globals under their old
-    ``numpy.core`` names. Python 3's own protocol 2 writes bytes as a call to
-    ``_codecs.encode`` on a UTF-8 text: a different file, and three times slower to load."""
+    """Pickles with the opcodes Python 2's ``cPickle.dump(obj, f, 2)`` used for the CIFAR
+    release: ``str`` and ``bytes`` both as Python 2 byte strings (``SHORT_BINSTRING``/
+    ``BINSTRING``, what ``pickle.load(f, encoding=...)`` has to decode), and numpy's globals
+    under their old ``numpy.core`` names. (Memo numbering and numpy's boolean arguments
+    differ from Python 2's bytes; loading is the same.) Python 3's own protocol 2 writes
+    bytes as a call to ``_codecs.encode`` on a UTF-8 text: a different file, and three
+    times slower to load. Only for the synthetic sources: pickling types other than
+    numpy's is not supported."""
 
     write: Callable[[bytes], object]  # set by pickle._Pickler; declared for mypy
     memoize: Callable[[object], None]

@@ -113,6 +113,7 @@ class ShardWriter:
         self._shards: list[ShardInfo] = []  # finished shards: appended on the write-behind thread
         self._started = 0  # shards started, kept ones included (names the next one)
         self._writes = WriteBehind(threaded=write_behind)  # sha256 and writes on a thread of their own
+        self._unfinished: set[Path] = set()  # .partial files not yet renamed (the thread removes them)
         self._file: HashingFile | None = None
         self._count = 0
         self._columns: list[Columns] | None = []  # label columns of the open shard, None once a sample lacks them
@@ -138,14 +139,22 @@ class ShardWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
-            if issubclass(exc_type, Exception) or self._progress is None:
-                self.abort()
-            else:  # interrupted: keep finished shards for a resume
-                self._drop_open_shard()
+            self._after_error(exc_type)
             return
-        self._finish()
+        try:
+            self._finish()  # may raise the error of a write still in flight
+        except BaseException as e:
+            self._after_error(type(e))
+            raise
         if self.publish_on_exit and not self.shared:
             self.publish()
+
+    def _after_error(self, exc_type: type[BaseException]) -> None:
+        """An error drops everything staged; an interrupt keeps finished shards for a resume."""
+        if issubclass(exc_type, Exception) or self._progress is None:
+            self.abort()
+        else:
+            self._drop_open_shard()
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -236,6 +245,7 @@ class ShardWriter:
         name = self._shard_name(self.first_index + self._started)
         self._started += 1
         self._file = HashingFile(self._staging / f"{name}.partial", self._writes)
+        self._unfinished.add(self._file.path)
         self._file.write(self._header)
         self._count = 0
         self._columns = []
@@ -255,6 +265,7 @@ class ShardWriter:
         final name and record it (for a resume)."""
         final = partial.with_suffix("")  # drop ".partial"
         os.replace(partial, final)
+        self._unfinished.discard(partial)
         info = ShardInfo(final.name, count, size, sha)
         self._shards.append(info)
         if self._progress is not None:
@@ -275,22 +286,21 @@ class ShardWriter:
         self.manifest = publish_staged(self.out_dir, self._staging, self.schema, self._shards)
         return self.manifest
 
-    def _drop_open_shard(self) -> Path | None:
-        """Close the open shard without finishing it and wait for the write-behind thread;
-        the dropped file's path. A write error here was raised already, or is what the
-        caller is handling."""
+    def _drop_open_shard(self) -> None:
+        """Close the open shard without finishing it and wait for the write-behind thread.
+        A write error here was raised already, or is what the caller is handling."""
         shard, self._file = self._file, None
         for step in ([shard.discard] if shard is not None else []) + [self._writes.wait]:
             try:
                 step()
             except OSError as e:
                 log.debug("%s: after a failed write: %s", self._staging, e)
-        return None if shard is None else shard.path
 
     def abort(self) -> None:
         """Drop everything staged; earlier output in ``out_dir`` stays as it was."""
-        partial = self._drop_open_shard()
+        self._drop_open_shard()
         if not self.shared:
             shutil.rmtree(self._staging, ignore_errors=True)
-        elif partial is not None:  # a shared directory keeps the finished shards: its owner decides
+        for partial in self._unfinished:  # a shared directory keeps the finished shards: its owner decides
             partial.unlink(missing_ok=True)
+        self._unfinished.clear()

@@ -225,6 +225,42 @@ def test_failed_write_on_the_write_behind_thread(tmp_path: Path, vimh_source, mo
     assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
 
 
+@pytest.mark.parametrize("mode", ["stream", "slices", "node"])
+def test_a_write_failing_after_the_last_sample_cleans_up(tmp_path: Path, vimh_source, monkeypatch, mode: str) -> None:
+    """The last write fails while the writer is already finishing: the error still reaches
+    the caller, staging is removed (a node keeps only finished shards), no ``.partial`` is
+    left, no descriptor stays open and the write-behind thread is gone."""
+    import os
+    import threading
+    import time
+
+    from shard_tools import hashing_file
+
+    src, real, calls = vimh_source(n_train=300, n_test=4), hashing_file.write_all, []
+    settings = {"stream": {"max_bytes": 10**9}, "slices": {"max_bytes": None},
+                "node": {"max_bytes": None, "num_nodes": 2, "node_rank": 0}}[mode]
+
+    def counted(fd: int, data: bytes) -> None:
+        calls.append(1)
+        if len(calls) == fail_at:
+            time.sleep(0.05)  # the main thread is finishing by now
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(hashing_file, "write_all", counted)
+    fail_at = 0
+    convert("vimh", src, tmp_path / "count", splits=["train"], max_samples=100, **settings)  # type: ignore[arg-type]
+    fail_at, calls[:] = len(calls), []
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=r"cannot write .*\.tar\.partial: No space left on device"):
+        convert("vimh", src, out, splits=["train"], max_samples=100, **settings)  # type: ignore[arg-type]
+    left = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in left if p.suffix == ".partial"]
+    assert not left if mode != "node" else all(p.name.endswith((".tar", ".jsonl")) for p in left)
+    assert not [t for t in threading.enumerate() if t.name.startswith("write-behind")]
+    assert not [fd for fd in os.listdir("/proc/self/fd") if str(out) in os.path.realpath(f"/proc/self/fd/{fd}")]
+
+
 def test_a_failed_shard_file_is_closed_exactly_once(tmp_path: Path, monkeypatch) -> None:
     """Whether the write error surfaces at the last flush, at the close or at the wait,
     the descriptor is closed once: closing it again could close another file that got

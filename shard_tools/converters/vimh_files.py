@@ -152,8 +152,12 @@ def read_pickle(path: Path, what: str = "VIMH", encoding: str = "latin1") -> obj
         with open(path, "rb") as f, _gc_paused():
             if os.fstat(f.fileno()).st_size == 0:
                 raise EOFError("the file is empty")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                return pickle.loads(mapped, encoding=encoding)  # source files are the user's own data
+            try:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError:  # a file system that cannot map files: read it
+                return pickle.load(f, encoding=encoding)  # source files are the user's own data
+            with mapped:
+                return pickle.loads(mapped, encoding=encoding)
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
         raise ConversionError(f"{path}: expected a {what} pickle, found a truncated or corrupt "
                               f"file ({type(e).__name__}: {e})") from e

@@ -184,7 +184,10 @@ class ShardWriter:
 
     def _add_columns(self, labels: Columns | None) -> None:
         if self._columns is not None:
-            self._columns = None if labels is None else [*self._columns, labels]
+            if labels is None:
+                self._columns = None
+            else:
+                self._columns.append(labels)
 
     def write_block(self, keys: Sequence[str], members: Sequence[tuple[str, Member]],
                     labels: Columns | None = None) -> None:

@@ -3,6 +3,7 @@ split. Checks, label records and tar members are built a block at a time with nu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -23,7 +24,7 @@ from pipeline.tario import iter_members, split_key
 from shard_tools.converters import SampleBlock, get_format
 from shard_tools.progress_bar import ProgressBar
 from shard_tools.remote_out import convert_remote, is_remote_output
-from shard_tools.staging import resume_key, source_fingerprint
+from shard_tools.staging import LOCK, conversion_lock, resume_key, source_fingerprint
 from shard_tools.tar_format import Member, Rows
 from shard_tools.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, ShardWriter
 
@@ -220,19 +221,33 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     wanted = tuple(splits) if splits else fmt.splits(src)
     for split in wanted:
         fmt.read_schema(src, split)  # fail on inconsistent input before writing anything
-    if num_nodes > 1:
-        from shard_tools.nodes import check_node_settings, convert_share
+    lock = LOCK if num_nodes == 1 else f".convert.node-{node_rank}-of-{num_nodes}.lock"
+    with contextlib.ExitStack() as held:
+        for split in wanted:  # one conversion per split (per node share) at a time
+            held.enter_context(conversion_lock(out / split, lock))
+        if num_nodes > 1:
+            from shard_tools.nodes import check_node_settings, convert_share
 
-        samples = check_node_settings(num_nodes, node_rank, max_samples, max_bytes)
-        for split in wanted:
-            convert_share(Source(format_name, dict(options) if options else None, src, split), out,
-                          num_nodes=num_nodes, node_rank=node_rank, max_samples=samples, shuffle=shuffle, seed=seed,
-                          workers=workers)
-        return {}
+            samples = check_node_settings(num_nodes, node_rank, max_samples, max_bytes)
+            for split in wanted:
+                convert_share(Source(format_name, dict(options) if options else None, src, split), out,
+                              num_nodes=num_nodes, node_rank=node_rank, max_samples=samples, shuffle=shuffle,
+                              seed=seed, workers=workers)
+            return {}
+        manifests = _stage_and_publish([Source(format_name, dict(options) if options else None, src, split)
+                                        for split in wanted], out, shuffle=shuffle, seed=seed,
+                                       max_samples=max_samples, max_bytes=max_bytes, workers=workers)
+    for split, manifest in manifests.items():
+        report_skipped(out / split, fmt.count_samples(src, split), manifest.num_samples)
+    return manifests
+
+
+def _stage_and_publish(sources: Sequence[Source], out: Path, *, shuffle: bool, seed: int, max_samples: int | None,
+                       max_bytes: int | None, workers: int) -> dict[str, Manifest]:
+    """Stage every split, then publish them all; an error publishes none."""
     staged: list[Any] = []  # ShardWriter or parallel.StagedSplit: both publish() and abort()
     try:
-        for split in wanted:
-            source = Source(format_name, dict(options) if options else None, src, split)
+        for source in sources:
             if max_bytes is None and max_samples is not None:  # planned slices, any process writes any shard
                 from shard_tools.parallel import stage_split_slices
 
@@ -245,10 +260,7 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
         for writer in staged:
             writer.abort()
         raise
-    manifests = {writer.schema.split: writer.publish() for writer in staged}
-    for split, manifest in manifests.items():
-        report_skipped(out / split, fmt.count_samples(src, split), manifest.num_samples)
-    return manifests
+    return {writer.schema.split: writer.publish() for writer in staged}
 
 
 def report_skipped(split_dir: Path, planned: int, written: int) -> None:

@@ -34,7 +34,7 @@ from fsspec.core import url_to_fs
 from pipeline.errors import ConversionError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
 from pipeline.storage import REMOTE_ERRORS, is_remote
-from shard_tools.staging import write_atomic
+from shard_tools.staging import conversion_lock, write_atomic
 
 log = logging.getLogger(__name__)
 UPLOAD_ERRORS: tuple[type[BaseException], ...] = (PermissionError, *REMOTE_ERRORS)
@@ -57,13 +57,21 @@ def convert_remote(format_name: str, src: str | Path, out: str, *, splits: Seque
                    work_dir: str | Path | None, storage_options: dict[str, Any] | None,
                    **settings: Any) -> dict[str, Manifest]:
     """:func:`~shard_tools.convert.convert` to an object-store URL (see the module notes)."""
-    from shard_tools.convert import Source, conversion_key, convert
     from shard_tools.converters import get_format
 
     options = settings.get("options")
     wanted = tuple(splits) if splits else get_format(format_name, options).splits(Path(src))
     work = work_directory(out, wanted, work_dir)
     log.info("%s: building the shards in %s before uploading them", out, work)
+    with conversion_lock(work):  # a second run of the same conversion fails at once, naming this one
+        return _convert_and_upload(format_name, src, out, work, wanted, storage_options, settings)
+
+
+def _convert_and_upload(format_name: str, src: str | Path, out: str, work: Path, wanted: Sequence[str],
+                        storage_options: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Manifest]:
+    from shard_tools.convert import Source, conversion_key, convert
+
+    options = settings.get("options")
     keys = {split: conversion_key(Source(format_name, dict(options) if options else None, Path(src), split),
                                   shuffle=settings["shuffle"], seed=settings["seed"],
                                   limits=(settings["max_samples"], settings["max_bytes"])) for split in wanted}

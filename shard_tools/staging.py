@@ -9,22 +9,26 @@ whose files still hash to what was recorded, and writes only the rest.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import ConversionError
 from pipeline.manifest import ShardInfo
 from pipeline.schema import DatasetSchema
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.jsonl"
+LOCK = ".convert.lock"
 
 
 def source_fingerprint(src: Path) -> str:
@@ -138,3 +142,40 @@ def resume(staging: Path, key: str, prefix: bool = True) -> list[ShardInfo]:
         log.info("%s: resuming after %d sound shard(s), %d samples", staging.parent, len(kept),
                  sum(s.samples for s in kept))
     return kept
+
+
+@contextlib.contextmanager
+def conversion_lock(directory: Path, name: str = LOCK) -> Iterator[None]:
+    """Hold ``directory/name`` exclusively (``flock``) while a conversion writes there, so
+    that a second conversion of the same split fails at once, naming the holder, instead
+    of mixing its staging with this one's. A killed holder's lock is free (the kernel
+    drops it). The file, and the directory if this left it empty, go on release."""
+    fd = _take_lock(directory, directory / name)
+    try:
+        yield
+    finally:
+        (directory / name).unlink(missing_ok=True)  # still locked: a waiting opener sees another file
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only if empty: a failed first run leaves no directory behind
+
+
+def _take_lock(directory: Path, path: Path) -> int:
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue  # the directory was removed as a holder let go: make it again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConversionError(f"{path}: another conversion (process {holder}) is writing {directory}; wait "
+                                  "for it to finish, or convert to another directory") from e
+        if path.exists() and path.stat().st_ino == os.fstat(fd).st_ino:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
+        os.close(fd)  # locked a file its holder had just removed: take the new one

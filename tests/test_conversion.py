@@ -188,3 +188,33 @@ def test_progress_record_ignores_a_line_cut_short(tmp_path: Path, caplog) -> Non
     with caplog.at_level(logging.WARNING):
         assert read_progress(path, "key") == [first]
     assert "ignoring a line cut short" in caplog.text
+
+
+def test_a_second_conversion_of_the_same_split_fails_at_once(tmp_path: Path, source: Path) -> None:
+    """Two runs writing one split would mix their staging: the second fails, naming the
+    first; a lock left by a killed run (a file nobody holds) is taken over."""
+    import os
+
+    from shard_tools.staging import LOCK, conversion_lock
+
+    out = tmp_path / "out"
+    with conversion_lock(out / "train"):
+        with pytest.raises(ConversionError, match=rf"train/\.convert\.lock: another conversion \(process "
+                                                  rf"{os.getpid()}\) is writing .*train; wait for it to finish"):
+            convert("vimh", source, out, max_samples=128)
+        assert not list(out.rglob("*.tar"))
+    assert not out.exists() or not list(out.rglob("*"))  # released: lock file and empty directories gone
+    (out / "train").mkdir(parents=True)
+    (out / "train" / LOCK).write_text("12345")  # as a SIGKILL leaves it
+    manifests = convert("vimh", source, out, max_samples=128)
+    assert manifests["train"].num_samples == 900 and not list(out.rglob(LOCK))
+
+
+def test_node_shares_lock_only_themselves(tmp_path: Path, source: Path) -> None:
+    from shard_tools.staging import conversion_lock
+
+    out = tmp_path / "out"
+    with conversion_lock(out / "train", ".convert.node-1-of-2.lock"):
+        convert("vimh", source, out, max_samples=100, max_bytes=None, num_nodes=2, node_rank=0)  # another share
+        with pytest.raises(ConversionError, match=r"node-1-of-2\.lock: another conversion"):
+            convert("vimh", source, out, max_samples=100, max_bytes=None, num_nodes=2, node_rank=1)

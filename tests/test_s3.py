@@ -212,3 +212,15 @@ def test_work_dir_is_only_for_urls(tmp_path: Path, vimh_source) -> None:
 
     with pytest.raises(ConversionError, match=r"work_dir: only used when OUT is a URL; .*out is a local directory"):
         convert("vimh", vimh_source(), tmp_path / "out", work_dir=tmp_path / "w")
+
+
+def test_a_second_run_of_the_same_conversion_to_s3_fails_at_once(tmp_path: Path, vimh_source, s3_options: dict) -> None:
+    """Two runs to one URL would share a work directory: the second fails, naming the first."""
+    from pipeline.errors import ConversionError
+    from shard_tools.remote_out import work_directory
+    from shard_tools.staging import conversion_lock
+
+    url, work = f"s3://out{uuid.uuid4().hex[:10]}/vimh", tmp_path / "w"
+    with conversion_lock(work_directory(url, ["test", "train"], work)), \
+            pytest.raises(ConversionError, match=r"\.convert\.lock: another conversion \(process \d+\) is writing"):
+        convert("vimh", vimh_source(), url, max_samples=16, storage_options=s3_options, work_dir=work)

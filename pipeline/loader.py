@@ -54,6 +54,7 @@ class StreamConfig:
     allow_pipe: bool = False
     batches_per_hand_off: int = 1
     mix: MixPlan | None = None  # several sources (``shards`` is then all of theirs)
+    source_options: tuple[dict[str, Any] | None, ...] | None = None  # per mix source, replacing storage_options
 
     @property
     def group(self) -> int:
@@ -98,8 +99,9 @@ class _ShardCache:
 
     def _load(self, url: str, source: int) -> DecodedShard:
         c = self.config
-        data = read_shard(url, storage_options=c.storage_options, retries=c.retries,
-                          cache_dir=c.cache_dir, allow_pipe=c.allow_pipe)
+        options = c.storage_options if c.source_options is None else c.source_options[source]
+        data = read_shard(url, storage_options=options, retries=c.retries, cache_dir=c.cache_dir,
+                          allow_pipe=c.allow_pipe)
         index = index_shard(data, url, self.headers[source], tolerant=c.on_error == "skip")
         if index.error:
             log.warning("%s", index.error)

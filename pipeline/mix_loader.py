@@ -31,7 +31,9 @@ class MixSource:
     """One source of a mix: a shard set (anything ``make_loader`` takes) and at most one of
     ``weight`` (share of the epoch), ``repeat`` (times its size) or ``choose`` (samples per
     epoch). With none of them a source gives each of its samples once (``repeat=1``).
-    ``name`` (default: the dataset's name) names its namespaced heads and its ``dataset`` class."""
+    ``name`` (default: the dataset's name) names its namespaced heads and its ``dataset`` class.
+    ``storage_options`` (fsspec) replace the mix's for this source: sources in different
+    buckets, endpoints or accounts, or one local and one remote."""
 
     source: str | Sequence[str]
     split: str | None = "train"
@@ -39,6 +41,7 @@ class MixSource:
     repeat: float | None = None
     choose: int | None = None
     name: str | None = None
+    storage_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in (("weight", self.weight), ("repeat", self.repeat), ("choose", self.choose))
@@ -123,13 +126,14 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     world_size = default_size if world_size is None else world_size
     rank = default_rank if rank is None else rank
     schemas, shard_lists = [], []
-    for k, spec in enumerate(specs):
-        shards = pick_split(resolve_shards(spec.source, split=spec.split, storage_options=storage_options),
-                             spec.split, spec.source)
-        schemas.append(check_headers(shards.urls, shards.manifest.schema if shards.manifest else None,
-                                     storage_options))
+    options = tuple(storage_options if spec.storage_options is None else dict(spec.storage_options)
+                    for spec in specs)
+    for k, (spec, opts) in enumerate(zip(specs, options, strict=True)):
+        shards = pick_split(resolve_shards(spec.source, split=spec.split, storage_options=opts),
+                            spec.split, spec.source)
+        schemas.append(check_headers(shards.urls, shards.manifest.schema if shards.manifest else None, opts))
         shard_lists.append(tuple(Slice(s.url, s.start, s.stop, k)
-                                 for s in manifest_slices(shards, storage_options, cache_dir, False)))
+                                 for s in manifest_slices(shards, opts, cache_dir, False)))
     names = [spec.name or source_name(schema.name) for spec, schema in zip(specs, schemas, strict=True)]
     union, head_map = union_schema(schemas, names, split=schemas[0].split, resized=transform is not None,
                                    dataset_head=dataset_head)
@@ -148,7 +152,8 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
                           batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           world_size=world_size, rank=rank, num_workers=num_workers, drop_last=drop_last,
                           on_error=on_error, storage_options=storage_options, cache_dir=cache_dir, retries=retries,
-                          batches_per_hand_off=hand_off_group(batch_size * largest_image), mix=plan)
+                          batches_per_hand_off=hand_off_group(batch_size * largest_image), mix=plan,
+                          source_options=options)
     config.plan(0)  # fail now, not in a worker, on impossible settings
     return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
                         pin_memory=pin_memory, head_map=head_map)

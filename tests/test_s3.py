@@ -224,3 +224,21 @@ def test_a_second_run_of_the_same_conversion_to_s3_fails_at_once(tmp_path: Path,
     with conversion_lock(work_directory(url, ["test", "train"], work)), \
             pytest.raises(ConversionError, match=r"\.convert\.lock: another conversion \(process \d+\) is writing"):
         convert("vimh", vimh_source(), url, max_samples=16, storage_options=s3_options, work_dir=work)
+
+
+def test_mix_sources_carry_their_own_storage_options(bucket, s3_options: dict) -> None:
+    """One source on S3 and one local, each with its own options: the mix's options (here an
+    endpoint nothing listens on) are used only by sources that give none."""
+    from pipeline import MixSource, mix
+    from pipeline.errors import PipelineError
+
+    url, local = bucket
+    nowhere = {**s3_options, "client_kwargs": {"endpoint_url": "http://127.0.0.1:1", "region_name": "us-east-1"},
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    sources = [MixSource(url, weight=0.5, name="remote", storage_options=s3_options),
+               MixSource(str(local), weight=0.5, name="local", storage_options={})]
+    loader = mix(sources, batch_size=8, epoch_samples=32, num_workers=2, storage_options=nowhere, with_keys=True)
+    seen = {int(d) for _, labels, _ in loader for d in labels["dataset"].tolist()}
+    assert seen == {0, 1} and sum(len(keys) for _, _, keys in loader) == 32
+    with pytest.raises(PipelineError, match=r"s3://.*: unreachable \(Could not connect to .*http://127\.0\.0\.1:1/"):
+        mix([MixSource(url, weight=1.0)], batch_size=8, epoch_samples=32, num_workers=0, storage_options=nowhere)

@@ -23,7 +23,8 @@ EVAL_KEYS = ("val_split", "test_split")
 
 class MixDataModule(MultiheadDataModule):
     """``sources``: one mapping per source with :class:`~pipeline.mix_loader.MixSource`'s
-    fields (``source``, ``split``, ``weight`` | ``repeat`` | ``choose``, ``name``) plus
+    fields (``source``, ``split``, ``weight`` | ``repeat`` | ``choose``, ``name``,
+    ``storage_options``) plus
     ``val_split`` and ``test_split`` (default ``test``). ``epoch_samples``: the size of a
     training epoch (default: all sources' train splits summed)."""
 
@@ -55,7 +56,8 @@ class MixDataModule(MultiheadDataModule):
 
     def _eval_sources(self, stage: str) -> list[MixSource]:
         """Each source's ``stage`` split, every sample once (``repeat=1``)."""
-        return [MixSource(s.source, split=splits[f"{stage}_split"], repeat=1.0, name=name)
+        return [MixSource(s.source, split=splits[f"{stage}_split"], repeat=1.0, name=name,
+                          storage_options=s.storage_options)
                 for s, splits, name in zip(self.train_sources, self.eval_splits,
                                            self.schema.head("dataset").class_names, strict=True)]
 

@@ -86,7 +86,7 @@ def check_block(schema: DatasetSchema, block: SampleBlock, where: str) -> None:
                           f"in 0..{limits[col - 1] - 1}, found {int(block.labels[row, col - 1])!r}")
 
 
-Prepared = tuple[list[str], list[tuple[str, Member]], Columns, int]
+Prepared = tuple[list[str], list[tuple[str, Member]], Columns, int]  # keys, members, labels, indices covered
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def prepare_blocks(source: Source, schema: DatasetSchema, indices: Sequence[int]
         images = Rows(block.images) if isinstance(block.images, np.ndarray) else block.images
         labels = Rows(*encoder.encode(block.labels, block.extra))
         yield (sample_keys(block.indices), [(ext, images), ("labels.msgpack", labels)],
-               label_columns(schema, block.labels), len(block))
+               label_columns(schema, block.labels), block.covered)
 
 
 def _prepare_chunk(source: Source, schema: DatasetSchema, indices: Sequence[int]) -> list[Prepared]:

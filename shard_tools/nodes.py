@@ -19,6 +19,7 @@ from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools.convert import Source, report_skipped, split_plan, staging_source
 from shard_tools.parallel import run_jobs, slice_jobs
+from shard_tools.progress_bar import ProgressBar
 from shard_tools.staging import is_sound, read_progress, resume_key, start_progress, write_atomic
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,11 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
     todo = [i for i in mine if f"{source.split}-{i:06d}.tar" not in done]
     jobs = slice_jobs(source, schema, order, todo, max_samples=max_samples, directory=split_dir,
                       progress=progress, workers=workers)
-    for _, shards in run_jobs(jobs, workers):
-        done.update((s.name, s) for s in shards)  # each recorded in the progress log as it landed
+    to_write = sum(job.planned for job in jobs)
+    with ProgressBar(total=to_write, desc=f"{schema.name}/{source.split} node {node_rank}/{num_nodes}", unit="sample",
+                     disable=None, leave=False) as bar:
+        for _, shards in run_jobs(jobs, workers, bar.update):
+            done.update((s.name, s) for s in shards)  # each recorded in the progress log as it landed
     names = [(i, f"{source.split}-{i:06d}.tar") for i in mine]
     written = [done[name] for _, name in names if name in done]
     planned = -(-len(order) // max_samples)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 from pipeline.errors import ConversionError
@@ -31,6 +32,7 @@ from shard_tools.progress_bar import ProgressBar
 from shard_tools.writer import STAGING_DIR, ShardWriter, publish_staged
 
 MAX_RUN = 16  # shards per job at most: finer jobs balance the workers' loads
+POLL_S = 0.2  # how often the parent of a pool updates the progress bar
 
 
 @dataclass
@@ -71,17 +73,33 @@ class SliceJob:
         return sum(len(samples) for _, samples in self.slices)
 
 
+_report: Callable[[int], None] | None = None  # where write_slices reports progress, in this process
+
+
+def _report_to(counter: Synchronized[int]) -> None:
+    """Pool initializer: report progress into a counter the parent reads."""
+    global _report
+
+    def add(samples: int) -> None:
+        with counter.get_lock():
+            counter.value += samples
+
+    _report = add
+
+
 def write_slices(job: SliceJob) -> tuple[int, list[ShardInfo]]:
     """Write a job's shards (one job of a worker pool, or all of them in one process);
-    its planned sample count and the shards written."""
+    its planned sample count and the shards written. Progress is reported block by block."""
     writer = ShardWriter(job.directory, job.schema, max_samples=job.max_samples, max_bytes=None,
                          publish_on_exit=False, staging_dir=".", shared=True, progress=job.progress,
                          first_index=job.slices[0][0], write_behind=job.write_behind)
     with writer:
         for index, samples in job.slices:
             writer.next_shard(index)
-            for keys, members, columns, _ in prepare_blocks(job.source, job.schema, samples):
+            for keys, members, columns, covered in prepare_blocks(job.source, job.schema, samples):
                 writer.write_block(keys, members, columns)
+                if _report is not None:
+                    _report(covered)
     return job.planned, writer.shards
 
 
@@ -95,14 +113,35 @@ def slice_jobs(source: Source, schema: DatasetSchema, order: Sequence[int], shar
                      max_samples, directory, progress, write_behind=workers == 1 or len(runs) == 1) for run in runs]
 
 
-def run_jobs(jobs: Sequence[SliceJob], workers: int) -> Iterator[tuple[int, list[ShardInfo]]]:
+def run_jobs(jobs: Sequence[SliceJob], workers: int,
+             on_samples: Callable[[int], None] | None = None) -> Iterator[tuple[int, list[ShardInfo]]]:
     """:func:`write_slices` of each job as it finishes: in this process, or in a pool of
-    forked workers."""
+    forked workers. ``on_samples(n)`` hears of every block written, as it is written (from
+    a pool: polled from a shared counter while the parent waits)."""
+    global _report
     if workers == 1 or len(jobs) <= 1:
-        yield from map(write_slices, jobs)
+        _report = on_samples
+        try:
+            yield from map(write_slices, jobs)
+        finally:
+            _report = None
         return
-    with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-        yield from pool.imap_unordered(write_slices, jobs)
+    context = multiprocessing.get_context("fork")
+    counter, shown = context.Value("q", 0), 0
+    with context.Pool(min(workers, len(jobs)), initializer=_report_to, initargs=(counter,)) as pool:
+        results = pool.imap_unordered(write_slices, jobs)
+        while True:
+            try:
+                result = results.next(timeout=POLL_S)
+            except multiprocessing.TimeoutError:
+                result = None
+            except StopIteration:
+                break
+            if on_samples is not None and counter.value > shown:
+                on_samples(counter.value - shown)
+                shown = counter.value
+            if result is not None:
+                yield result
 
 
 def stage_split_slices(source: Source, out: Path, *, shuffle: bool, seed: int, max_samples: int,
@@ -121,9 +160,8 @@ def stage_split_slices(source: Source, out: Path, *, shuffle: bool, seed: int, m
         with ProgressBar(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample", disable=None,
                   leave=False) as bar:
             bar.update(len(order) - sum(job.planned for job in jobs))
-            for planned, shards in run_jobs(jobs, workers):
+            for _, shards in run_jobs(jobs, workers, bar.update):
                 done.update((s.name, s) for s in shards)
-                bar.update(planned)
     except Exception:  # an error: nothing of this run stays (an interrupt keeps sound shards for a resume)
         staged.abort()
         raise

@@ -218,3 +218,32 @@ def test_node_shares_lock_only_themselves(tmp_path: Path, source: Path) -> None:
         convert("vimh", source, out, max_samples=100, max_bytes=None, num_nodes=2, node_rank=0)  # another share
         with pytest.raises(ConversionError, match=r"node-1-of-2\.lock: another conversion"):
             convert("vimh", source, out, max_samples=100, max_bytes=None, num_nodes=2, node_rank=1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_is_reported_block_by_block(tmp_path: Path, source: Path, monkeypatch, workers: int) -> None:
+    """The bar moves as blocks are written (in a pool: through a shared counter the parent
+    polls), not once per job, and ends at the split's size."""
+    import shard_tools.parallel as parallel
+
+    updates: list[int] = []
+
+    class Recorder:
+        def __init__(self, *args, total: int, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            self.total = total
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        def update(self, n: int) -> None:
+            updates.append(n)
+
+    monkeypatch.setattr(parallel, "ProgressBar", Recorder)
+    monkeypatch.setattr(parallel, "POLL_S", 0.001)
+    convert("vimh", source, tmp_path / "out", splits=["train"], max_samples=100, max_bytes=None, workers=workers)
+    jobs = -(-9 // max(1, min(parallel.MAX_RUN, 9 // (4 * workers))))
+    assert sum(updates) == 900
+    assert len([n for n in updates if n]) > (jobs if workers == 1 else 1)

@@ -27,12 +27,20 @@ class SampleBlock:
       in schema order (the class index, or the quantized byte of a quantized head).
     - ``extra``: per-sample source metadata for the label record's ``_extra`` map: name to
       an ``(n,)`` or ``(n, k)`` array, stored per sample as a float or a list of floats.
+    - ``requested``: when the format skipped some of the indices it was asked for (bad
+      files), how many indices the block covers, skipped ones included.
     """
 
     indices: np.ndarray
     images: np.ndarray | Sequence[bytes]
     labels: np.ndarray
     extra: Mapping[str, np.ndarray] = field(default_factory=dict)
+    requested: int | None = None  # indices asked for that this block covers, skipped ones included
+
+    @property
+    def covered(self) -> int:
+        """How many of the requested indices this block accounts for (for progress)."""
+        return len(self) if self.requested is None else self.requested
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -256,7 +256,8 @@ class ImageNet100:
                     kept.append(i)
                     images.append(image)
             kept_rows = np.array(kept, dtype=np.int64)
-            yield SampleBlock(indices=kept_rows, images=images, labels=files.labels[kept_rows][:, None])
+            yield SampleBlock(indices=kept_rows, images=images, labels=files.labels[kept_rows][:, None],
+                              requested=len(rows))
 
     def image(self, files: SplitFiles, index: int) -> bytes | None:
         """Sample ``index``'s JPEG: the file's bytes, or re-encoded (bad files, ``resize``);

@@ -70,8 +70,11 @@ def _fetch(url: str, storage_options: dict[str, Any], retries: int, backoff: flo
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _cached(url: str, cache_dir: str, fetch: Any) -> bytes:
-    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + url.rsplit("/", 1)[-1]
+def _cached(url: str, options: dict[str, Any], cache_dir: str, fetch: Any) -> bytes:
+    """``fetch()``'s bytes, kept in ``cache_dir`` under a name from the URL and the storage
+    options (the same URL on two endpoints is two objects)."""
+    identity = f"{url}\0{sorted(options.items(), key=str)!r}" if options else url
+    name = hashlib.sha256(identity.encode()).hexdigest()[:16] + "-" + url.rsplit("/", 1)[-1]
     path = Path(cache_dir) / name
     if path.exists():
         return path.read_bytes()
@@ -101,5 +104,5 @@ def read_shard(url: str, *, storage_options: dict[str, Any] | None = None, retri
             raise ShardFormatError(f"{url}: shard not found") from e
     options = storage_options or {}
     if cache_dir:
-        return _cached(url, cache_dir, lambda: _fetch(url, options, retries, backoff))
+        return _cached(url, options, cache_dir, lambda: _fetch(url, options, retries, backoff))
     return _fetch(url, options, retries, backoff)

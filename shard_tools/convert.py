@@ -218,13 +218,14 @@ def convert(format_name: str, src: str | Path, out: str | Path, *,
     if workers < 1:
         raise ConversionError(f"workers: expected >= 1, found {workers}")
     fmt, src, out = get_format(format_name, options), Path(src), Path(out)
-    wanted = tuple(splits) if splits else fmt.splits(src)
+    wanted = tuple(dict.fromkeys(splits)) if splits else fmt.splits(src)
     for split in wanted:
         fmt.read_schema(src, split)  # fail on inconsistent input before writing anything
-    lock = LOCK if num_nodes == 1 else f".convert.node-{node_rank}-of-{num_nodes}.lock"
     with contextlib.ExitStack() as held:
-        for split in wanted:  # one conversion per split (per node share) at a time
-            held.enter_context(conversion_lock(out / split, lock))
+        for split in wanted:  # one conversion of a split at a time; node shares together, each once
+            held.enter_context(conversion_lock(out / split, LOCK, shared=num_nodes > 1))
+            if num_nodes > 1:
+                held.enter_context(conversion_lock(out / split, f".convert.node-{node_rank}-of-{num_nodes}.lock"))
         if num_nodes > 1:
             from shard_tools.nodes import check_node_settings, convert_share
 

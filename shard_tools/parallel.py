@@ -73,7 +73,7 @@ class SliceJob:
         return sum(len(samples) for _, samples in self.slices)
 
 
-_report: Callable[[int], None] | None = None  # where write_slices reports progress, in this process
+_report: Callable[[int], None] | None = None  # a pool worker's progress counter (set by its initializer)
 
 
 def _report_to(counter: Synchronized[int]) -> None:
@@ -87,9 +87,11 @@ def _report_to(counter: Synchronized[int]) -> None:
     _report = add
 
 
-def write_slices(job: SliceJob) -> tuple[int, list[ShardInfo]]:
+def write_slices(job: SliceJob, report: Callable[[int], None] | None = None) -> tuple[int, list[ShardInfo]]:
     """Write a job's shards (one job of a worker pool, or all of them in one process);
-    its planned sample count and the shards written. Progress is reported block by block."""
+    its planned sample count and the shards written. Progress goes to ``report`` (in a pool
+    worker: the counter its initializer set) block by block."""
+    report = report or _report
     writer = ShardWriter(job.directory, job.schema, max_samples=job.max_samples, max_bytes=None,
                          publish_on_exit=False, staging_dir=".", shared=True, progress=job.progress,
                          first_index=job.slices[0][0], write_behind=job.write_behind)
@@ -98,8 +100,8 @@ def write_slices(job: SliceJob) -> tuple[int, list[ShardInfo]]:
             writer.next_shard(index)
             for keys, members, columns, covered in prepare_blocks(job.source, job.schema, samples):
                 writer.write_block(keys, members, columns)
-                if _report is not None:
-                    _report(covered)
+                if report is not None:
+                    report(covered)
     return job.planned, writer.shards
 
 
@@ -118,13 +120,8 @@ def run_jobs(jobs: Sequence[SliceJob], workers: int,
     """:func:`write_slices` of each job as it finishes: in this process, or in a pool of
     forked workers. ``on_samples(n)`` hears of every block written, as it is written (from
     a pool: polled from a shared counter while the parent waits)."""
-    global _report
     if workers == 1 or len(jobs) <= 1:
-        _report = on_samples
-        try:
-            yield from map(write_slices, jobs)
-        finally:
-            _report = None
+        yield from (write_slices(job, on_samples) for job in jobs)
         return
     context = multiprocessing.get_context("fork")
     counter, shown = context.Value("q", 0), 0
@@ -137,9 +134,10 @@ def run_jobs(jobs: Sequence[SliceJob], workers: int,
                 result = None
             except StopIteration:
                 break
-            if on_samples is not None and counter.value > shown:
-                on_samples(counter.value - shown)
-                shown = counter.value
+            reported = counter.value  # read once: workers may add to it meanwhile
+            if on_samples is not None and reported > shown:
+                on_samples(reported - shown)
+                shown = reported
             if result is not None:
                 yield result
 

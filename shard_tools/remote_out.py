@@ -34,7 +34,7 @@ from fsspec.core import url_to_fs
 from pipeline.errors import ConversionError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
 from pipeline.storage import REMOTE_ERRORS, is_remote
-from shard_tools.staging import conversion_lock, write_atomic
+from shard_tools.staging import LOCK, conversion_lock, write_atomic
 
 log = logging.getLogger(__name__)
 UPLOAD_ERRORS: tuple[type[BaseException], ...] = (PermissionError, *REMOTE_ERRORS)
@@ -60,7 +60,7 @@ def convert_remote(format_name: str, src: str | Path, out: str, *, splits: Seque
     from shard_tools.converters import get_format
 
     options = settings.get("options")
-    wanted = tuple(splits) if splits else get_format(format_name, options).splits(Path(src))
+    wanted = tuple(dict.fromkeys(splits)) if splits else get_format(format_name, options).splits(Path(src))
     work = work_directory(out, wanted, work_dir)
     log.info("%s: building the shards in %s before uploading them", out, work)
     with conversion_lock(work):  # a second run of the same conversion fails at once, naming this one
@@ -86,7 +86,9 @@ def _convert_and_upload(format_name: str, src: str | Path, out: str, work: Path,
             write_atomic(work / split / CONVERTED, keys[split])
     for split in wanted:
         upload_split(work / split, f"{out.rstrip('/')}/{split}", manifests[split], storage_options)
-    shutil.rmtree(work, ignore_errors=True)
+    for leftover in work.iterdir():  # everything but the lock, which goes on release
+        if leftover.name != LOCK:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     return {split: manifests[split] for split in wanted}
 
 

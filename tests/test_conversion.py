@@ -200,7 +200,8 @@ def test_a_second_conversion_of_the_same_split_fails_at_once(tmp_path: Path, sou
     out = tmp_path / "out"
     with conversion_lock(out / "train"):
         with pytest.raises(ConversionError, match=rf"train/\.convert\.lock: another conversion \(process "
-                                                  rf"{os.getpid()}\) is writing .*train; wait for it to finish"):
+                                                  rf"{os.getpid()} or its worker processes\) is writing .*train; "
+                                                  r"wait for it to finish"):
             convert("vimh", source, out, max_samples=128)
         assert not list(out.rglob("*.tar"))
     assert not out.exists() or not list(out.rglob("*"))  # released: lock file and empty directories gone
@@ -210,14 +211,49 @@ def test_a_second_conversion_of_the_same_split_fails_at_once(tmp_path: Path, sou
     assert manifests["train"].num_samples == 900 and not list(out.rglob(LOCK))
 
 
-def test_node_shares_lock_only_themselves(tmp_path: Path, source: Path) -> None:
-    from shard_tools.staging import conversion_lock
+def test_node_shares_run_together_but_never_beside_a_one_machine_run(tmp_path: Path, source: Path) -> None:
+    """Node shares of a split hold its lock shared (and their own share's exclusively); a
+    one-machine run holds it exclusively, and would delete the shares' shards."""
+    from shard_tools.staging import LOCK, conversion_lock
 
-    out = tmp_path / "out"
+    out, nodes = tmp_path / "out", {"max_samples": 100, "max_bytes": None, "num_nodes": 2}
     with conversion_lock(out / "train", ".convert.node-1-of-2.lock"):
-        convert("vimh", source, out, max_samples=100, max_bytes=None, num_nodes=2, node_rank=0)  # another share
-        with pytest.raises(ConversionError, match=r"node-1-of-2\.lock: another conversion"):
-            convert("vimh", source, out, max_samples=100, max_bytes=None, num_nodes=2, node_rank=1)
+        convert("vimh", source, out, node_rank=0, **nodes)  # another share runs
+        with pytest.raises(ConversionError, match=r"node-1-of-2\.lock: another conversion \(process \d+ or its worker"):
+            convert("vimh", source, out, node_rank=1, **nodes)
+    with conversion_lock(out / "train", LOCK, shared=True):  # a share of node 1 is running
+        with pytest.raises(ConversionError, match=r"convert\.lock: another conversion \(node shares of this split\)"):
+            convert("vimh", source, out, max_samples=100, max_bytes=None)
+        convert("vimh", source, out, node_rank=1, **nodes)
+    with conversion_lock(out / "train"), pytest.raises(ConversionError, match=r"convert\.lock: another conversion "
+                                                                              r"\(process \d+ or its worker"):
+        convert("vimh", source, out, node_rank=0, **nodes)
+    assert not list(out.rglob("*.lock"))
+
+
+def test_a_lock_file_replaced_by_another_run_is_not_removed(tmp_path: Path) -> None:
+    from shard_tools.staging import LOCK, conversion_lock
+
+    with conversion_lock(tmp_path / "d"):
+        (tmp_path / "d" / LOCK).unlink()  # as a run that removed it and one that made it again would
+        (tmp_path / "d" / LOCK).write_text("someone else")
+    assert (tmp_path / "d" / LOCK).read_text() == "someone else"
+
+
+def test_a_file_system_without_locks_converts_with_a_warning(tmp_path: Path, source: Path, monkeypatch,
+                                                             caplog) -> None:
+    import errno
+
+    import shard_tools.staging as staging
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(staging.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        manifests = convert("vimh", source, tmp_path / "out", splits=["train", "train"], max_samples=128)
+    assert manifests["train"].num_samples == 900 and list(manifests) == ["train"]  # a split named twice: once
+    assert "the file system has no locks (" in caplog.text and "would not be stopped" in caplog.text
 
 
 @pytest.mark.parametrize("workers", [1, 2])

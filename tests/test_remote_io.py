@@ -73,3 +73,23 @@ def test_unreachable_endpoint_is_named(tmp_path: Path) -> None:
                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     with pytest.raises(ShardFormatError, match=r"s3://bucket/vimh: unreachable \(Could not connect"):
         make_loader("s3://bucket/vimh", batch_size=4, num_workers=0, storage_options=options)
+
+
+def test_disk_cache_tells_endpoints_apart(tmp_path: Path, monkeypatch) -> None:
+    """The same URL on two endpoints (two mix sources' options) is two cached objects."""
+    import pipeline.storage as storage
+
+    fetched: list[str] = []
+
+    def fetch(url: str, options: dict, retries: int, backoff: float) -> bytes:
+        endpoint = options["client_kwargs"]["endpoint_url"]
+        fetched.append(endpoint)
+        return endpoint.encode()
+
+    monkeypatch.setattr(storage, "_fetch", fetch)
+    one, two = ({"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}} for port in (1, 2))
+    cache = str(tmp_path / "cache")
+    for options in (one, two, one, two):
+        assert read_shard("s3://bucket/a.tar", storage_options=options, cache_dir=cache) == \
+            options["client_kwargs"]["endpoint_url"].encode()
+    assert fetched == ["http://127.0.0.1:1", "http://127.0.0.1:2"]

@@ -222,7 +222,8 @@ def test_a_second_run_of_the_same_conversion_to_s3_fails_at_once(tmp_path: Path,
 
     url, work = f"s3://out{uuid.uuid4().hex[:10]}/vimh", tmp_path / "w"
     with conversion_lock(work_directory(url, ["test", "train"], work)), \
-            pytest.raises(ConversionError, match=r"\.convert\.lock: another conversion \(process \d+\) is writing"):
+            pytest.raises(ConversionError, match=r"\.convert\.lock: another conversion \(process \d+ or its worker "
+                                                 r"processes\) is writing"):
         convert("vimh", vimh_source(), url, max_samples=16, storage_options=s3_options, work_dir=work)
 
 

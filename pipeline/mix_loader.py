@@ -21,7 +21,7 @@ from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_wor
 from pipeline.mixing import MixPlan, apportion
 from pipeline.planning import UNEVEN_POLICIES, Slice
 from pipeline.sources import resolve_shards
-from pipeline.union import DATASET_HEAD, source_name, union_schema
+from pipeline.union import DATASET_HEAD, check_transform_sizes, source_name, union_schema
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     names = [spec.name or source_name(schema.name) for spec, schema in zip(specs, schemas, strict=True)]
     union, head_map = union_schema(schemas, names, split=schemas[0].split, resized=transform is not None,
                                    dataset_head=dataset_head)
+    if transform is not None and len({s.image for s in schemas}) > 1:
+        check_transform_sizes(transform, schemas, names)  # fail now, not in a worker
     unit = world_size * (batch_size if drop_last else 1)
     sizes = [sum(len(s) for s in shards) for shards in shard_lists]
     targets = epoch_targets(sizes, specs, epoch_samples, unit, uneven)

@@ -9,13 +9,18 @@ sample came from. :class:`HeadMap` says, per union head, which head of each sour
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+
+import torch
 
 from pipeline.errors import SchemaError
 from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
+
+log = logging.getLogger(__name__)
 
 MISSING_CLASS = -1  # the label of a head a sample's source does not have (values: NaN)
 DATASET_HEAD = "dataset"
@@ -79,3 +84,29 @@ def union_schema(schemas: Sequence[DatasetSchema], names: Sequence[str], *, spli
                            image=union_image(schemas, names, resized), heads=tuple(heads),
                            provenance=Provenance(source_format="mix", source_name=",".join(s.name for s in schemas)))
     return schema, HeadMap(mapping, dataset_head)
+
+
+PROBE_SIZES = ((37, 53), (64, 48))  # input sizes tried for a source whose images vary in size
+
+
+def check_transform_sizes(transform: Callable[[torch.Tensor], torch.Tensor], schemas: Sequence[DatasetSchema],
+                          names: Sequence[str]) -> None:
+    """Run ``transform`` on blank images of every source's size (two odd sizes for a source
+    whose sizes vary) and raise SchemaError, naming sources and shapes, if the outputs'
+    shapes differ: batches would fail in a worker later. A transform that refuses a blank
+    image is not checked here."""
+    shapes: dict[tuple[int, ...], str] = {}
+    for name, schema in zip(names, schemas, strict=True):
+        spec = schema.image
+        sizes = [(spec.height, spec.width)] if spec.height and spec.width else list(PROBE_SIZES)
+        for height, width in sizes:
+            try:
+                out = transform(torch.zeros((spec.channels, height, width), dtype=torch.uint8))
+            except (TypeError, ValueError, RuntimeError) as e:
+                log.debug("mix: transform not checked on a blank image (%s)", e)
+                return
+            shapes.setdefault(tuple(out.shape), f"source {name!r} ({height}x{width} in)")
+    if len(shapes) > 1:
+        found = "; ".join(f"{where}: {list(shape)}" for shape, where in shapes.items())
+        raise SchemaError(f"mix: the transform gives images of {len(shapes)} shapes ({found}); it must give "
+                          "every image one size, e.g. Resize((s, s)) or RandomResizedCrop(s)")

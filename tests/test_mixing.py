@@ -182,6 +182,10 @@ def test_differing_image_specs_need_a_target_size(roots, tmp_path: Path) -> None
     loader = mix(specs, batch_size=8, epoch_samples=64, num_workers=0, transform=v2.Resize((16, 16)))
     images, labels = next(iter(loader))
     assert images.shape == (8, 3, 16, 16) and set(labels["dataset"].tolist()) <= {0, 1}
+    with pytest.raises(SchemaError, match=r"the transform gives images of 2 shapes \(source 'mid' \(32x32 in\): "
+                                          r"\[3, 16, 16\]; source 'vimh_8x8x3_small' \(8x8 in\): \[3, 4, 4\]\); it "
+                                          r"must give every image one size"):  # at construction, not in a worker
+        mix(specs, batch_size=8, epoch_samples=64, num_workers=2, transform=lambda image: image[:, ::2, ::2])
 
 
 def test_bad_mix_settings_are_refused(roots) -> None:

@@ -21,6 +21,7 @@ from shard_tools.convert import Source, report_skipped, split_plan, staging_sour
 from shard_tools.parallel import run_jobs, slice_jobs
 from shard_tools.progress_bar import ProgressBar
 from shard_tools.staging import is_sound, read_progress, resume_key, start_progress, write_atomic
+from shard_tools.writer import shard_name
 
 log = logging.getLogger(__name__)
 NODE_MANIFEST = "manifest.node-{rank}-of-{nodes}.json"
@@ -47,7 +48,7 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
     if done:
         log.info("%s: node %d keeps %d sound shard(s) of an interrupted run", split_dir, node_rank, len(done))
     mine = node_shards(len(order), max_samples, num_nodes, node_rank)
-    todo = [i for i in mine if f"{source.split}-{i:06d}.tar" not in done]
+    todo = [i for i in mine if shard_name(source.split, i) not in done]
     jobs = slice_jobs(source, schema, order, todo, max_samples=max_samples, directory=split_dir,
                       progress=progress, workers=workers)
     to_write = sum(job.planned for job in jobs)
@@ -55,7 +56,7 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
                      disable=None, leave=False) as bar:
         for _, shards in run_jobs(jobs, workers, bar.update):
             done.update((s.name, s) for s in shards)  # each recorded in the progress log as it landed
-    names = [(i, f"{source.split}-{i:06d}.tar") for i in mine]
+    names = [(i, shard_name(source.split, i)) for i in mine]
     written = [done[name] for _, name in names if name in done]
     planned = -(-len(order) // max_samples)
     node = {"schema": schema.to_dict(), "num_nodes": num_nodes, "node_rank": node_rank,
@@ -63,8 +64,8 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
             "empty_shards": [i for i, name in names if name not in done]}  # every sample skipped by the format
     write_atomic(split_dir / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
                 json.dumps(node, sort_keys=True, indent=2) + "\n")
-    share = [j for i in mine for j in order[i * max_samples:(i + 1) * max_samples]]
-    report_skipped(split_dir, len(share), sum(s.samples for s in written))
+    share = sum(len(order[i * max_samples:(i + 1) * max_samples]) for i in mine)
+    report_skipped(split_dir, share, sum(s.samples for s in written))
     progress.unlink(missing_ok=True)
     return written
 
@@ -107,7 +108,7 @@ def _merged_split(split_dir: Path) -> Manifest:
     shards = {s["name"]: ShardInfo(**s) for n in nodes for s in n["shards"]}
     schema = DatasetSchema.from_dict(first["schema"])
     empty = {i for n in nodes for i in n.get("empty_shards", [])}
-    expected = [f"{schema.split}-{i:06d}.tar" for i in range(first["planned_shards"]) if i not in empty]
+    expected = [shard_name(schema.split, i) for i in range(first["planned_shards"]) if i not in empty]
     absent = [name for name in expected if name not in shards or not (split_dir / name).is_file()
               or (split_dir / name).stat().st_size != shards[name].bytes]
     if absent or missing_nodes:

@@ -16,6 +16,7 @@ hash in their own thread, since they already fill the cores.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +30,7 @@ from pipeline.schema import DatasetSchema
 from shard_tools import staging
 from shard_tools.convert import Source, prepare_blocks, split_plan, staging_source
 from shard_tools.progress_bar import ProgressBar
-from shard_tools.writer import STAGING_DIR, ShardWriter, publish_staged
+from shard_tools.writer import STAGING_DIR, ShardWriter, publish_staged, shard_name
 
 MAX_RUN = 16  # shards per job at most: finer jobs balance the workers' loads
 POLL_S = 0.2  # how often the parent of a pool updates the progress bar
@@ -65,7 +66,6 @@ class SliceJob:
     max_samples: int
     directory: Path
     progress: Path
-    write_behind: bool  # hash and write on a thread: when this is the only writing process
 
     @property
     def planned(self) -> int:
@@ -87,14 +87,16 @@ def _report_to(counter: Synchronized[int]) -> None:
     _report = add
 
 
-def write_slices(job: SliceJob, report: Callable[[int], None] | None = None) -> tuple[int, list[ShardInfo]]:
+def write_slices(job: SliceJob, report: Callable[[int], None] | None = None,
+                 write_behind: bool = True) -> tuple[int, list[ShardInfo]]:
     """Write a job's shards (one job of a worker pool, or all of them in one process);
     its planned sample count and the shards written. Progress goes to ``report`` (in a pool
-    worker: the counter its initializer set) block by block."""
+    worker: the counter its initializer set) block by block. ``write_behind``: hash and
+    write on a thread, for the only writing process (pool workers already fill the cores)."""
     report = report or _report
     writer = ShardWriter(job.directory, job.schema, max_samples=job.max_samples, max_bytes=None,
                          publish_on_exit=False, staging_dir=".", shared=True, progress=job.progress,
-                         first_index=job.slices[0][0], write_behind=job.write_behind)
+                         first_index=job.slices[0][0], write_behind=write_behind)
     with writer:
         for index, samples in job.slices:
             writer.next_shard(index)
@@ -112,7 +114,7 @@ def slice_jobs(source: Source, schema: DatasetSchema, order: Sequence[int], shar
     size = max(1, min(MAX_RUN, len(shards) // (4 * workers)))
     runs = [shards[start:start + size] for start in range(0, len(shards), size)]
     return [SliceJob(source, schema, tuple((i, order[i * max_samples:(i + 1) * max_samples]) for i in run),
-                     max_samples, directory, progress, write_behind=workers == 1 or len(runs) == 1) for run in runs]
+                     max_samples, directory, progress) for run in runs]
 
 
 def run_jobs(jobs: Sequence[SliceJob], workers: int,
@@ -126,7 +128,7 @@ def run_jobs(jobs: Sequence[SliceJob], workers: int,
     context = multiprocessing.get_context("fork")
     counter, shown = context.Value("q", 0), 0
     with context.Pool(min(workers, len(jobs)), initializer=_report_to, initargs=(counter,)) as pool:
-        results = pool.imap_unordered(write_slices, jobs)
+        results = pool.imap_unordered(functools.partial(write_slices, write_behind=False), jobs)
         while True:
             try:
                 result = results.next(timeout=POLL_S)
@@ -150,13 +152,13 @@ def stage_split_slices(source: Source, out: Path, *, shuffle: bool, seed: int, m
     staged = StagedSplit(out / source.split, schema, [])
     staged.staging_dir.mkdir(parents=True, exist_ok=True)
     done = {s.name: s for s in staging.resume(staged.staging_dir, key, prefix=False)}
-    names = [f"{source.split}-{i:06d}.tar" for i in range(-(-len(order) // max_samples))]
+    names = [shard_name(source.split, i) for i in range(-(-len(order) // max_samples))]
     todo = [i for i, name in enumerate(names) if name not in done]
     jobs = slice_jobs(source, schema, order, todo, max_samples=max_samples, directory=staged.staging_dir,
                       progress=staged.staging_dir / staging.PROGRESS, workers=workers)
     try:
         with ProgressBar(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample", disable=None,
-                  leave=False) as bar:
+                         leave=False) as bar:
             bar.update(len(order) - sum(job.planned for job in jobs))
             for _, shards in run_jobs(jobs, workers, bar.update):
                 done.update((s.name, s) for s in shards)

@@ -1,10 +1,11 @@
 """Resumable staging: which shards of an interrupted conversion are sound and can be kept.
 
 While a split is written, ``OUT/<split>/.staging/progress.jsonl`` records every finished
-shard (name, samples, bytes, sha256; one line appended per shard) under a key that fingerprints everything the shards
-depend on: the schema, the sample order, the shard limits, and the source files' sizes and
-modification times. A re-run with the same key keeps the longest prefix of recorded shards
-whose files still hash to what was recorded, and writes only the rest.
+shard (name, samples, bytes, sha256; one line appended per shard) under a key that
+fingerprints everything the shards depend on: the schema, the sample order, the shard
+limits, and the source files' sizes and modification times. A re-run with the same key
+keeps the longest prefix of recorded shards whose files still hash to what was recorded,
+and writes only the rest.
 """
 
 from __future__ import annotations

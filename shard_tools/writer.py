@@ -48,6 +48,11 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 STAGING_DIR = ".staging"
 
 
+def shard_name(split: str, index: int) -> str:
+    """The file name of shard ``index`` of ``split``."""
+    return f"{split}-{index:06d}.tar"
+
+
 def publish_staged(out_dir: Path, staging_dir: Path, schema: DatasetSchema, shards: Sequence[ShardInfo]) -> Manifest:
     """Move staged shards into ``out_dir``, replacing the split's old shards, then write the
     manifest last and remove the staging directory."""
@@ -237,7 +242,7 @@ class ShardWriter:
         return max(room, 0)
 
     def _shard_name(self, index: int) -> str:
-        return f"{self.schema.split}-{index:06d}.tar"
+        return shard_name(self.schema.split, index)
 
     @property
     def _label_bytes(self) -> int:

@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -185,7 +185,7 @@ class ShardWriter:
             if not isinstance(data, bytes):  # held until the next flush: never a buffer the caller may reuse
                 data = memoryview(data).tobytes()
             pieces += [tar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % BLOCK)]
-        self._write_samples(pieces, len(pieces), np.array([sum(map(len, pieces))]), labels)
+        self._write_samples(lambda start, stop: pieces, np.array([sum(map(len, pieces))]), labels)
 
     def _add_columns(self, labels: Columns | None) -> None:
         if self._columns is not None:
@@ -202,21 +202,24 @@ class ShardWriter:
         if not len(keys):
             return
         blob = tar_block(keys, members)
-        if blob is not None:  # every sample the same size: one row of one array each
-            self._write_samples([row.data for row in blob], 1, np.full(len(blob), blob.shape[1]), labels)
+        if blob is not None:  # every sample the same size: one row of one array each, rows written together
+            self._write_samples(lambda start, stop: [blob[start:stop].data], np.full(len(blob), blob.shape[1]),
+                                labels)
             return
         laid_out = tar_pieces(keys, members)
         if laid_out is not None:
-            self._write_samples(*laid_out, labels)
+            pieces, k, sizes = laid_out
+            self._write_samples(lambda start, stop: pieces[start * k:stop * k], sizes, labels)
             return
         for i, key in enumerate(keys):  # names tarfile must write (pax headers)
             self.write(key, [(ext, rows.row(i) if isinstance(rows, Rows) else rows[i])
                              for ext, rows in members], _rows(labels, i, i + 1))
 
-    def _write_samples(self, pieces: Sequence[bytes | memoryview], per_sample: int, sizes: np.ndarray,
+    def _write_samples(self, pieces: Callable[[int, int], Sequence[bytes | memoryview]], sizes: np.ndarray,
                        labels: Columns | None) -> None:
-        """Write samples given as ``per_sample`` pieces each, of ``sizes`` bytes, starting a
-        new shard wherever a limit says so (a shard always takes at least one sample)."""
+        """Write samples of ``sizes`` bytes, ``pieces(start, stop)`` giving the bytes of
+        samples ``start:stop``, starting a new shard wherever a limit says so (a shard always
+        takes at least one sample)."""
         pos = 0
         while pos < len(sizes):
             shard = self._file or self._start_shard()
@@ -225,7 +228,7 @@ class ShardWriter:
                 self._finish_shard(shard)
                 continue
             take = min(max(room, 1), len(sizes) - pos)
-            shard.write_many(pieces[pos * per_sample:(pos + take) * per_sample])
+            shard.write_many(pieces(pos, pos + take))
             self._count += take
             self._add_columns(_rows(labels, pos, pos + take))
             pos += take

@@ -3,9 +3,12 @@ pixels, and every bad input a ConversionError naming file and sample, with no ou
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import pickle
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from pipeline.errors import ConversionError
 from pipeline.readers import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
+from shard_tools.converters import cifar100mh
 from shard_tools.synthetic_cifar import ClassParam, generate_cifar100, generate_cifar100mh, python2_pickle, read_class
 from tests.conftest import convert_validated, no_output
 
@@ -258,3 +262,20 @@ def test_directory_with_neither_layout_lists_what_was_expected(tmp_path: Path) -
                                               r"meta\), found \['data_batch_1'\]"):
         convert("cifar100mh", tmp_path / "src", tmp_path / "out")
     assert no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("layout", ["cifar100mh", "cifar100"])
+def test_a_changed_file_is_reloaded_and_its_old_contents_released(tmp_path: Path, layout: str) -> None:
+    """Loads are cached per file state; a new state replaces the old one instead of
+    joining it (a long-lived process would otherwise hold a copy of every state)."""
+    src = make_source(tmp_path, layout)
+    split_file = src / ("train_batch" if layout == "cifar100mh" else "train")
+    first = cifar100mh._load(src, "train")
+    assert cifar100mh._load(src, "train") is first  # same state: cached
+    old_images = weakref.ref(first.images)
+    stat = split_file.stat()
+    os.utime(split_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    del first
+    second = cifar100mh._load(src, "train")
+    gc.collect()
+    assert old_images() is None and second.images is not None

@@ -14,7 +14,6 @@ Pixels are planar CHW rows, kept byte-for-byte. Pickle readers are VIMH's
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import re
@@ -29,6 +28,7 @@ from pipeline.errors import ConversionError, SchemaError
 from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
 from shard_tools import __version__
 from shard_tools.converters import BLOCK_BYTES, SampleBlock, blocks_of
+from shard_tools.converters.file_cache import latest_per_file
 from shard_tools.converters.vimh import VimhMetadata, head_description, head_name, read_metadata
 from shard_tools.converters.vimh_files import PickleKind, load_pickle, read_pickle, stat_key
 
@@ -102,7 +102,7 @@ def _load(src: Path, split: str) -> CifarSplit:
     return _load_checked(src, split, stat_key(path), described_by)
 
 
-@functools.lru_cache(maxsize=4)
+@latest_per_file(lambda src, split, *state: (src, split))
 def _load_checked(src: Path, split: str, key: tuple[str, int, int],
                   described_by: tuple[tuple[str, int, int], ...]) -> CifarSplit:
     """:func:`_load` of the files as they are at ``key`` and ``described_by``."""
@@ -208,7 +208,7 @@ def _read_dict(path: Path, wanted: Sequence[str]) -> dict[str, Any]:
     return batch
 
 
-@functools.lru_cache(maxsize=4)
+@latest_per_file(lambda key: key[0])
 def _read_release_split(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """A release split's images and ``(n, 2)`` fine and coarse labels, unchecked ranges."""
     path = Path(key[0])

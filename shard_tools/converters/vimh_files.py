@@ -11,7 +11,6 @@ binary records, which all have record 0's size, are located by arithmetic.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import mmap
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConversionError
+from shard_tools.converters.file_cache import latest_per_file
 
 DIMS = struct.Struct("<HHH")
 HEADER_SIZES = (14, 6)  # dims + two float32 scale factors (v2+), or dims only (older files)
@@ -167,7 +167,7 @@ def load_pickle(path: Path, kind: PickleKind = VIMH_PICKLE) -> VimhSplit:
     return _load_pickle(stat_key(path), kind)
 
 
-@functools.lru_cache(maxsize=4)
+@latest_per_file(lambda key, kind: (key[0], kind))
 def _load_pickle(key: tuple[str, int, int], kind: PickleKind) -> VimhSplit:
     path, labels_key = Path(key[0]), kind.label_keys[0]
     batch = read_pickle(path, kind.what)
@@ -196,7 +196,7 @@ def load_binary(path: Path, header_hint: int | None) -> VimhSplit:
     return _load_binary(stat_key(path), header_hint)
 
 
-@functools.lru_cache(maxsize=4)
+@latest_per_file(lambda key, hint: (key[0], hint))
 def _load_binary(key: tuple[str, int, int], header_hint: int | None) -> VimhSplit:
     path = Path(key[0])
     with open(path, "rb") as f:

@@ -60,16 +60,24 @@ class ErrorCounter:
 class BatchAssembler:
     """Builds batches for one schema; picklable, so it travels to dataloader workers.
 
-    For a mix, ``inputs`` are the sources' own schemas (by ``DecodedShard.source``) and
-    ``head_map`` says which source head fills each head of ``schema`` (the union)."""
+    For a mix, ``inputs`` are the sources' own schemas (by ``DecodedShard.source``),
+    ``head_map`` says which source head fills each head of ``schema`` (the union), and
+    ``source_transforms`` (one per input, or None) run on each source's images before
+    ``transform``."""
 
     def __init__(self, schema: DatasetSchema, *, transform: Transform | None = None,
                  on_error: str = "raise", inputs: Sequence[DatasetSchema] | None = None,
-                 head_map: HeadMap | None = None) -> None:
+                 head_map: HeadMap | None = None,
+                 source_transforms: Sequence[Transform | None] | None = None) -> None:
         if on_error not in ERROR_POLICIES:
             raise ShardFormatError(f"on_error: expected one of {ERROR_POLICIES}, found {on_error!r}")
         self.schema, self.transform, self.on_error = schema, transform, on_error
         self.inputs, self.head_map = tuple(inputs or (schema,)), head_map
+        self.source_transforms = tuple(source_transforms or (None,) * len(self.inputs))
+        if len(self.source_transforms) != len(self.inputs):
+            raise ShardFormatError(f"source_transforms: expected one per source ({len(self.inputs)}), "
+                                   f"found {len(self.source_transforms)}")
+        self._transforms = transform is not None or any(t is not None for t in self.source_transforms)
         self.errors = ErrorCounter()
         self._mode = ImageReadMode.GRAY if schema.image.channels == 1 else ImageReadMode.RGB
 
@@ -81,7 +89,7 @@ class BatchAssembler:
             refs, decoded = self._sound(by_shard(refs))
             keys = [refs.shards[k].index.keys[i] for k, i in zip(refs.which.tolist(), refs.where.tolist(),
                                                                    strict=True)] if with_keys else []
-            images = None if self.transform is None else self._images(refs, decoded)
+            images = self._images(refs, decoded) if self._transforms else None
             prepared.append((refs, decoded, keys, images, self._fields(len(refs), images)))
         sizes = [packed_size(p[4]) for p in prepared]
         buffer = torch.empty(sum(sizes), dtype=torch.uint8)
@@ -184,7 +192,8 @@ class BatchAssembler:
             out[:] = hwc.transpose(0, 3, 1, 2).reshape(len(refs), -1)
 
     def _images(self, refs: BatchRefs, decoded: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The batch's images as one tensor, through the per-sample transform if any."""
+        """The batch's images as one tensor, through their source's transform and the
+        per-sample transform, where given."""
         spec = self.schema.image
         if spec.encoding == "raw" and spec.fixed_size:
             flat = np.empty((len(refs), spec.nbytes), dtype=np.uint8)
@@ -192,12 +201,16 @@ class BatchAssembler:
             images = list(torch.from_numpy(flat).view(len(refs), *spec.shape_chw).unbind(0))
         else:
             images = [decoded[j] if j in decoded else self._raw_image(refs, j) for j in range(len(refs))]
+        if any(t is not None for t in self.source_transforms):
+            sources = [refs.shards[k].source for k in refs.which.tolist()]
+            images = [image if (t := self.source_transforms[k]) is None else t(image)
+                      for image, k in zip(images, sources, strict=True)]
         if self.transform is not None:
             images = [self.transform(image) for image in images]
         shapes = {tuple(image.shape) for image in images}
         if len(shapes) > 1:
             raise ShardFormatError(f"{refs.shards[0].index.url}: a batch's images have {len(shapes)} different "
-                                   f"shapes {sorted(shapes)[:4]}; the transform must give every image one size")
+                                   f"shapes {sorted(shapes)[:4]}; the transforms must give every image one size")
         return torch.stack(images)
 
     def _raw_image(self, refs: BatchRefs, j: int) -> torch.Tensor:

@@ -253,6 +253,7 @@ class ShardLoader:
         self._done = 0
         self._loader: DataLoader | None = None
         self.realized: dict[str, int] = {}  # a mix: samples per source in the last full pass
+        self.image_shape: tuple[int, ...] | None = None  # a mix: (C, H, W) its transforms were found to give
 
     @property
     def schema(self) -> DatasetSchema:
@@ -337,9 +338,10 @@ def default_world() -> tuple[int, int]:
 
 
 def build_loader(config: StreamConfig, *, transform: Transform | None = None, with_keys: bool = False,
-                 prefetch_factor: int = 2, pin_memory: bool = False, head_map: HeadMap | None = None) -> ShardLoader:
+                 prefetch_factor: int = 2, pin_memory: bool = False, head_map: HeadMap | None = None,
+                 source_transforms: Sequence[Transform | None] | None = None) -> ShardLoader:
     inputs = config.mix.schemas if config.mix is not None else None
     assembler = BatchAssembler(config.schema, transform=transform, on_error=config.on_error, inputs=inputs,
-                               head_map=head_map)
+                               head_map=head_map, source_transforms=source_transforms)
     return ShardLoader(ShardStream(config, assembler, with_keys), prefetch_factor=prefetch_factor,
                        pin_memory=pin_memory)

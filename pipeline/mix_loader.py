@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pipeline.api import check_headers, hand_off_group, image_bytes, manifest_slices, pick_split
 from pipeline.batching import Transform
 from pipeline.errors import PipelineError
@@ -33,7 +35,9 @@ class MixSource:
     epoch). With none of them a source gives each of its samples once (``repeat=1``).
     ``name`` (default: the dataset's name) names its namespaced heads and its ``dataset`` class.
     ``storage_options`` (fsspec) replace the mix's for this source: sources in different
-    buckets, endpoints or accounts, or one local and one remote."""
+    buckets, endpoints or accounts, or one local and one remote. ``transform`` runs on this
+    source's images (uint8 CxHxW tensors) before the mix's ``transform``: a resize or crop
+    suited to its image size, say (picklable, like any transform that goes to workers)."""
 
     source: str | Sequence[str]
     split: str | None = "train"
@@ -42,6 +46,7 @@ class MixSource:
     choose: int | None = None
     name: str | None = None
     storage_options: Mapping[str, Any] | None = None
+    transform: Transform | None = None
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in (("weight", self.weight), ("repeat", self.repeat), ("choose", self.choose))
@@ -56,6 +61,20 @@ class MixSource:
             if not ok:
                 expected = "an int >= 0" if key == "choose" else "a finite number >= 0"
                 raise PipelineError(f"mix source {self.source}: {key} expected {expected}, found {value!r}")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """``then(first(image))``, either of them possibly None (picklable)."""
+
+    first: Transform | None
+    then: Transform | None
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        for step in (self.first, self.then):
+            if step is not None:
+                image = step(image)
+        return image
 
 
 def _fixed_count(source: MixSource, size: int) -> int | None:
@@ -115,7 +134,8 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     :func:`epoch_targets`), on every rank and every worker alike. Labels follow the union
     schema (``loader.schema``): heads a sample's source lacks are class ``-1`` (value NaN),
     and ``labels[dataset_head]`` says which source it came from. Sources whose image specs
-    differ need ``transform`` to give every image one size. ``uneven``: how an epoch that
+    differ need transforms (``transform``, or each source's) to give every image one size;
+    this is checked here, on a blank image of each source's size. ``uneven``: how an epoch that
     does not split evenly across ranks is rounded (see :func:`epoch_targets`). Other
     arguments as ``make_loader``."""
     specs = [s if isinstance(s, MixSource) else MixSource(**s) for s in sources]
@@ -135,10 +155,16 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
         shard_lists.append(tuple(Slice(s.url, s.start, s.stop, k)
                                  for s in manifest_slices(shards, opts, cache_dir, False)))
     names = [spec.name or source_name(schema.name) for spec, schema in zip(specs, schemas, strict=True)]
-    union, head_map = union_schema(schemas, names, split=schemas[0].split, resized=transform is not None,
+    own = tuple(spec.transform for spec in specs)
+    transformed = transform is not None or any(t is not None for t in own)
+    union, head_map = union_schema(schemas, names, split=schemas[0].split, resized=transformed,
                                    dataset_head=dataset_head)
-    if transform is not None and len({s.image for s in schemas}) > 1:
-        check_transform_sizes(transform, schemas, names)  # fail now, not in a worker
+    image_shape = None
+    if transformed and (len({s.image for s in schemas}) > 1 or any(t is not None for t in own)):
+        chains = [Chain(first, transform) for first in own]
+        image_shape = check_transform_sizes(chains, schemas, names,  # fail now, not in a worker
+                                            "the transform" if all(t is None for t in own)
+                                            else "each source's transform (then the mix's)")
     unit = world_size * (batch_size if drop_last else 1)
     sizes = [sum(len(s) for s in shards) for shards in shard_lists]
     targets = epoch_targets(sizes, specs, epoch_samples, unit, uneven)
@@ -157,5 +183,7 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
                           batches_per_hand_off=hand_off_group(batch_size * largest_image), mix=plan,
                           source_options=options)
     config.plan(0)  # fail now, not in a worker, on impossible settings
-    return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
-                        pin_memory=pin_memory, head_map=head_map)
+    loader = build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
+                          pin_memory=pin_memory, head_map=head_map, source_transforms=own)
+    loader.image_shape = image_shape
+    return loader

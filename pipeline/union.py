@@ -89,14 +89,16 @@ def union_schema(schemas: Sequence[DatasetSchema], names: Sequence[str], *, spli
 PROBE_SIZES = ((37, 53), (64, 48))  # input sizes tried for a source whose images vary in size
 
 
-def check_transform_sizes(transform: Callable[[torch.Tensor], torch.Tensor], schemas: Sequence[DatasetSchema],
-                          names: Sequence[str]) -> None:
-    """Run ``transform`` on blank images of every source's size (two odd sizes for a source
-    whose sizes vary) and raise SchemaError, naming sources and shapes, if the outputs'
-    shapes differ: batches would fail in a worker later. A transform that refuses a blank
-    image is not checked here."""
+def check_transform_sizes(transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+                          schemas: Sequence[DatasetSchema], names: Sequence[str],
+                          what: str = "the transform") -> tuple[int, ...] | None:
+    """Run each source's ``transforms`` entry on blank images of its size (two odd sizes for
+    a source whose sizes vary) and raise SchemaError, naming sources and shapes, if the
+    outputs' shapes differ: batches would fail in a worker later. The one shape they give;
+    None when a transform refuses a blank image (nothing is checked then). ``what`` names
+    the transforms in the error."""
     shapes: dict[tuple[int, ...], str] = {}
-    for name, schema in zip(names, schemas, strict=True):
+    for transform, name, schema in zip(transforms, names, schemas, strict=True):
         spec = schema.image
         sizes = [(spec.height, spec.width)] if spec.height and spec.width else list(PROBE_SIZES)
         for height, width in sizes:
@@ -104,9 +106,10 @@ def check_transform_sizes(transform: Callable[[torch.Tensor], torch.Tensor], sch
                 out = transform(torch.zeros((spec.channels, height, width), dtype=torch.uint8))
             except (TypeError, ValueError, RuntimeError) as e:
                 log.debug("mix: transform not checked on a blank image (%s)", e)
-                return
+                return None
             shapes.setdefault(tuple(out.shape), f"source {name!r} ({height}x{width} in)")
     if len(shapes) > 1:
         found = "; ".join(f"{where}: {list(shape)}" for shape, where in shapes.items())
-        raise SchemaError(f"mix: the transform gives images of {len(shapes)} shapes ({found}); it must give "
+        raise SchemaError(f"mix: {what} gives images of {len(shapes)} shapes ({found}); it must give "
                           "every image one size, e.g. Resize((s, s)) or RandomResizedCrop(s)")
+    return next(iter(shapes))

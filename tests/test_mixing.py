@@ -188,6 +188,58 @@ def test_differing_image_specs_need_a_target_size(roots, tmp_path: Path) -> None
         mix(specs, batch_size=8, epoch_samples=64, num_workers=2, transform=lambda image: image[:, ::2, ::2])
 
 
+class Fill:
+    """A picklable transform: a 3x16x16 image of one value (which source's transform ran)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.full((3, 16, 16), self.value, dtype=torch.uint8)
+
+
+def plus_one(image: torch.Tensor) -> torch.Tensor:
+    return image + 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_source_has_its_own_transform_before_the_mixs(roots, tmp_path: Path, workers: int) -> None:
+    convert("vimh", generate_vimh(tmp_path / "vimh-8x8x3_small", n_train=40, n_test=4, height=8, width=8),
+            tmp_path / "tiny", max_samples=16)
+    specs = [MixSource(str(roots["mid"]), weight=1, name="mid", transform=Fill(10)),
+             MixSource(str(tmp_path / "tiny"), weight=1, name="tiny", transform=Fill(200)),
+             MixSource(str(roots["small"]), weight=1, name="small")]  # 32x32: only the mix's transform
+    with pytest.raises(SchemaError, match=r"each source's transform \(then the mix's\) gives images of 2 shapes "
+                                          r"\(source 'mid' \(32x32 in\): \[3, 16, 16\]; source 'small' \(32x32 "
+                                          r"in\): \[3, 32, 32\]\)"):
+        mix(specs, batch_size=8, epoch_samples=48, num_workers=workers, transform=plus_one)
+    specs[2] = MixSource(str(roots["small"]), weight=1, name="small", transform=Fill(100))
+    loader = mix(specs, batch_size=8, epoch_samples=48, num_workers=workers, transform=plus_one)
+    assert loader.image_shape == (3, 16, 16)
+    seen = collections.Counter()
+    for images, labels in loader:
+        assert images.shape == (8, 3, 16, 16)
+        for image, source in zip(images, labels["dataset"].tolist(), strict=True):
+            assert torch.equal(image, torch.full_like(image, (11, 201, 101)[source]))  # source's, then the mix's
+            seen[source] += 1
+    assert seen == {0: 16, 1: 16, 2: 16}
+
+
+def test_a_datamodule_keeps_each_sources_transform_for_evaluation(roots, tmp_path: Path) -> None:
+    from training.mix_datamodule import MixDataModule
+
+    convert("vimh", generate_vimh(tmp_path / "vimh-8x8x3_small", n_train=40, n_test=4, height=8, width=8),
+            tmp_path / "tiny", max_samples=16)
+    module = MixDataModule([{"source": str(roots["mid"]), "weight": 0.5, "name": "mid", "transform": Fill(10)},
+                            {"source": str(tmp_path / "tiny"), "weight": 0.5, "name": "tiny", "transform": Fill(200)}],
+                           epoch_samples=32, batch_size=8, num_workers=0)
+    assert (module.input_image.height, module.input_image.width) == (16, 16)  # found, no image_size needed
+    for stage in ("val", "test"):
+        for images, labels in module._eval_loader(stage):
+            expected = torch.tensor([(10, 200)[s] for s in labels["dataset"].tolist()], dtype=torch.uint8)
+            assert torch.equal(images[:, 0, 0, 0], expected)
+
+
 def test_bad_mix_settings_are_refused(roots) -> None:
     with pytest.raises(PipelineError, match=r"give at most one of weight, repeat, choose; found \{'weight': 1, "
                                             r"'choose': 5\}"):

@@ -222,6 +222,21 @@ def test_every_mix_experiment_runs_fast_dev_run(tmp_path: Path, data_roots, expe
     assert {f"val/{h}_acc" for h in ["dataset", *heads[first], *heads[second]]} <= set(metrics), sorted(metrics)
 
 
+def test_mix_sources_take_their_own_transforms_from_yaml(tmp_path: Path, data_roots) -> None:
+    """A source's ``transform`` in the config is instantiated by Hydra; with every source
+    resized to one size the model's input comes from it, no ``image_size`` needed."""
+    resize = "{_target_:torchvision.transforms.v2.Resize,size:[24,24]}"
+    cfg = config(tmp_path, "experiment=mix_vimh_cifar100mh", "trainer.fast_dev_run=true", "data.batch_size=8",
+                 mix_sources(("v", data_roots["vimh"], 0.5), ("c", data_roots["cifar100mh"], 0.5),
+                             v={"transform": resize}, c={"transform": resize}))
+    metrics = train(cfg)
+    assert {"val/fine_acc", "val/note_number_acc", "val/dataset_acc"} <= set(metrics)
+    with pytest.raises(SchemaError, match=r"each source's transform \(then the mix's\) gives images of 2 shapes"):
+        train(config(tmp_path, "experiment=mix_vimh_cifar100mh", "trainer.fast_dev_run=true",
+                     mix_sources(("v", data_roots["vimh"], 0.5), ("c", data_roots["cifar100mh"], 0.5),
+                                 v={"transform": resize})))
+
+
 @pytest.mark.slow
 def test_training_on_a_mix_learns_every_head(tmp_path: Path) -> None:
     """VIMH (2 quantized heads) and the CIFAR-100 release layout (fine, coarse) mixed 50/50:

@@ -15,7 +15,7 @@ import lightning as L
 from pipeline.batching import Transform
 from pipeline.loader import ShardLoader, default_world
 from pipeline.mix_loader import MixSource, mix
-from pipeline.schema import DatasetSchema
+from pipeline.schema import DatasetSchema, ImageSpec
 from training.datamodule import LightningLoader, MultiheadDataModule
 
 EVAL_KEYS = ("val_split", "test_split")
@@ -24,7 +24,8 @@ EVAL_KEYS = ("val_split", "test_split")
 class MixDataModule(MultiheadDataModule):
     """``sources``: one mapping per source with :class:`~pipeline.mix_loader.MixSource`'s
     fields (``source``, ``split``, ``weight`` | ``repeat`` | ``choose``, ``name``,
-    ``storage_options``) plus
+    ``storage_options``, ``transform``: run on that source's images in every split, before
+    ``train_transform``/``eval_transform``) plus
     ``val_split`` and ``test_split`` (default ``test``). ``epoch_samples``: the size of a
     training epoch (default: all sources' train splits summed)."""
 
@@ -47,6 +48,14 @@ class MixDataModule(MultiheadDataModule):
         self.schema: DatasetSchema = loader.schema
         self.input_image = self._input_image(image_size)
 
+    def _input_image(self, image_size: int | None) -> ImageSpec:
+        """``image_size`` squares if set, else what the sources' own transforms were found
+        to give (see ``mix``), else the stored images."""
+        shape = self._train_loader.image_shape if self._train_loader is not None else None
+        if image_size is None and shape is not None and len(shape) == 3:
+            return ImageSpec(height=shape[1], width=shape[2], channels=shape[0])
+        return super()._input_image(image_size)
+
     def _mix(self, sources: Sequence[MixSource], *, train: bool) -> ShardLoader:
         return mix(sources, batch_size=self.batch_size if train else self.eval_batch_size,
                    epoch_samples=self.epoch_samples if train else None, shuffle=train, seed=self.seed,
@@ -57,7 +66,7 @@ class MixDataModule(MultiheadDataModule):
     def _eval_sources(self, stage: str) -> list[MixSource]:
         """Each source's ``stage`` split, every sample once (``repeat=1``)."""
         return [MixSource(s.source, split=splits[f"{stage}_split"], repeat=1.0, name=name,
-                          storage_options=s.storage_options)
+                          storage_options=s.storage_options, transform=s.transform)
                 for s, splits, name in zip(self.train_sources, self.eval_splits,
                                            self.schema.head("dataset").class_names, strict=True)]
 

@@ -30,7 +30,7 @@ from pipeline.decoded import (
     to_union,
     value_key,
 )
-from pipeline.errors import ShardFormatError
+from pipeline.errors import PipelineError, ShardFormatError
 from pipeline.packing import CLASSES, IMAGES, VALUES, Field, PackedGroup, field_views, packed_size, unpack
 from pipeline.schema import DatasetSchema
 from pipeline.union import HeadMap
@@ -75,9 +75,10 @@ class BatchAssembler:
         self.inputs, self.head_map = tuple(inputs or (schema,)), head_map
         self.source_transforms = tuple(source_transforms or (None,) * len(self.inputs))
         if len(self.source_transforms) != len(self.inputs):
-            raise ShardFormatError(f"source_transforms: expected one per source ({len(self.inputs)}), "
+            raise PipelineError(f"source_transforms: expected one per source ({len(self.inputs)}), "
                                    f"found {len(self.source_transforms)}")
-        self._transforms = transform is not None or any(t is not None for t in self.source_transforms)
+        self._per_source = any(t is not None for t in self.source_transforms)
+        self._transforms = transform is not None or self._per_source
         self.errors = ErrorCounter()
         self._mode = ImageReadMode.GRAY if schema.image.channels == 1 else ImageReadMode.RGB
 
@@ -201,7 +202,7 @@ class BatchAssembler:
             images = list(torch.from_numpy(flat).view(len(refs), *spec.shape_chw).unbind(0))
         else:
             images = [decoded[j] if j in decoded else self._raw_image(refs, j) for j in range(len(refs))]
-        if any(t is not None for t in self.source_transforms):
+        if self._per_source:
             sources = [refs.shards[k].source for k in refs.which.tolist()]
             images = [image if (t := self.source_transforms[k]) is None else t(image)
                       for image, k in zip(images, sources, strict=True)]

@@ -156,15 +156,15 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
                                  for s in manifest_slices(shards, opts, cache_dir, False)))
     names = [spec.name or source_name(schema.name) for spec, schema in zip(specs, schemas, strict=True)]
     own = tuple(spec.transform for spec in specs)
-    transformed = transform is not None or any(t is not None for t in own)
-    union, head_map = union_schema(schemas, names, split=schemas[0].split, resized=transformed,
-                                   dataset_head=dataset_head)
+    per_source = any(t is not None for t in own)
+    union, head_map = union_schema(schemas, names, split=schemas[0].split,
+                                   resized=transform is not None or per_source, dataset_head=dataset_head)
     image_shape = None
-    if transformed and (len({s.image for s in schemas}) > 1 or any(t is not None for t in own)):
+    if per_source or (transform is not None and len({s.image for s in schemas}) > 1):
         chains = [Chain(first, transform) for first in own]
         image_shape = check_transform_sizes(chains, schemas, names,  # fail now, not in a worker
-                                            "the transform" if all(t is None for t in own)
-                                            else "each source's transform (then the mix's)")
+                                            "each source's transform (then the mix's)" if per_source
+                                            else "the transform")
     unit = world_size * (batch_size if drop_last else 1)
     sizes = [sum(len(s) for s in shards) for shards in shard_lists]
     targets = epoch_targets(sizes, specs, epoch_samples, unit, uneven)

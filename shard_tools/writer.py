@@ -185,7 +185,7 @@ class ShardWriter:
             if not isinstance(data, bytes):  # held until the next flush: never a buffer the caller may reuse
                 data = memoryview(data).tobytes()
             pieces += [tar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % BLOCK)]
-        self._write_samples(lambda start, stop: pieces, np.array([sum(map(len, pieces))]), labels)
+        self._write_samples(lambda start, stop: pieces, np.array([sum(map(len, pieces))]), labels)  # 1 sample
 
     def _add_columns(self, labels: Columns | None) -> None:
         if self._columns is not None:

@@ -225,6 +225,14 @@ def test_each_source_has_its_own_transform_before_the_mixs(roots, tmp_path: Path
     assert seen == {0: 16, 1: 16, 2: 16}
 
 
+def test_source_transforms_must_match_the_sources(roots) -> None:
+    from pipeline.batching import BatchAssembler
+
+    schema = mix(sources(roots), batch_size=8, num_workers=0).schema
+    with pytest.raises(PipelineError, match=r"source_transforms: expected one per source \(3\), found 1"):
+        BatchAssembler(schema, inputs=[schema] * 3, source_transforms=[plus_one])
+
+
 def test_a_datamodule_keeps_each_sources_transform_for_evaluation(roots, tmp_path: Path) -> None:
     from training.mix_datamodule import MixDataModule
 

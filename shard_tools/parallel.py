@@ -4,7 +4,8 @@ When shards are limited by sample count only, every shard's samples are known be
 anything is read, so any process can write any shard, and the result is byte-identical
 whoever writes it: one process, ``N`` worker processes, or nodes of a cluster
 (:mod:`shard_tools.nodes`). A sample the source format skips (a bad file) leaves its
-shard one shorter; a slice with no sample left gives no shard (its number is unused).
+shard one shorter; a slice with no sample left gives no shard (its number is unused, and
+the progress log records it as empty, so a resume does not read it again).
 
 Work goes out as runs of consecutive shards, each run written by one :class:`ShardWriter`
 in shared mode, straight into the split's staging directory, each finished shard recorded
@@ -100,10 +101,14 @@ def write_slices(job: SliceJob, report: Callable[[int], None] | None = None,
     with writer:
         for index, samples in job.slices:
             writer.next_shard(index)
+            written = 0
             for keys, members, columns, covered in prepare_blocks(job.source, job.schema, samples):
                 writer.write_block(keys, members, columns)
+                written += len(keys)
                 if report is not None:
                     report(covered)
+            if not written:  # every sample skipped: recorded, so that a resume does not read them again
+                staging.append_progress(job.progress, staging.empty_slice(shard_name(job.schema.split, index)))
     return job.planned, writer.shards
 
 
@@ -165,7 +170,7 @@ def stage_split_slices(source: Source, out: Path, *, shuffle: bool, seed: int, m
     except Exception:  # an error: nothing of this run stays (an interrupt keeps sound shards for a resume)
         staged.abort()
         raise
-    staged.shards = [done[name] for name in names if name in done]
+    staged.shards = [done[name] for name in names if name in done and done[name].samples]
     if not staged.shards:
         raise ConversionError(f"{staged.out_dir}: no samples were written for split {source.split!r}")
     return staged

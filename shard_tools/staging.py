@@ -100,8 +100,17 @@ def read_progress(path: Path, key: str) -> list[ShardInfo]:
     return shards
 
 
+def empty_slice(name: str) -> ShardInfo:
+    """The progress record of a planned slice whose every sample the format skipped: no
+    file (a written shard has at least one sample), recorded so a resume skips it too."""
+    return ShardInfo(name=name, samples=0, bytes=0, sha256="")
+
+
 def is_sound(path: Path, shard: ShardInfo) -> bool:
-    """Whether ``path`` still holds the shard as recorded (size and sha256)."""
+    """Whether ``path`` still holds the shard as recorded (size and sha256); an empty
+    slice's record always is."""
+    if shard.samples == 0:
+        return True
     return path.is_file() and path.stat().st_size == shard.bytes and file_sha256(path) == shard.sha256
 
 

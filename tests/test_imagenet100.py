@@ -439,3 +439,43 @@ def test_skipped_files_leave_output_independent_of_workers_and_resumable(tmp_pat
     assert list((tmp_path / "resumed" / "train" / ".staging").glob("train-*.tar"))
     assert run(tmp_path / "resumed") == one
     assert _digests(tmp_path / "resumed") == _digests(tmp_path / "one")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_resume_does_not_read_an_empty_slice_again(tmp_path: Path, monkeypatch, workers: int) -> None:
+    """One file per shard, so each skipped file leaves a slice with no sample: the progress
+    log records it, and a run interrupted just before publishing resumes without opening
+    any file again, with the same output as a run never interrupted."""
+    import builtins
+
+    from shard_tools.parallel import StagedSplit
+
+    src, class_file = make_source(tmp_path, n_train=3, bad_files=True)
+
+    def run(out: Path) -> dict[str, dict]:
+        return convert("imagenet100", src, out, splits=["train"], max_samples=1, max_bytes=None, workers=workers,
+                       options={"class_list": str(class_file), "on_bad": "skip"})
+
+    whole = run(tmp_path / "whole")
+    assert whole["train"].num_samples < configure(class_list=str(class_file)).count_samples(src, "train")
+
+    def interrupted(self):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StagedSplit, "publish", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "resumed")
+    opened, real_open = tmp_path / "opened.txt", builtins.open  # a file: pool workers open too
+
+    def logged(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(file).endswith((".JPEG", ".jpg", ".jpeg")):
+            with real_open(opened, "a") as f:
+                f.write(f"{file}\n")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", logged)
+    assert run(tmp_path / "resumed") == whole
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert not opened.exists(), opened.read_text()
+    assert _digests(tmp_path / "resumed") == _digests(tmp_path / "whole")

@@ -90,3 +90,40 @@ def test_interrupted_node_share_keeps_its_sound_shards(tmp_path: Path, source: P
     assert not list((out / "train").glob("*.partial")) and not list((out / "train").glob(".progress.*"))
     convert("vimh", source, tmp_path / "single", max_samples=40, max_bytes=None)
     assert digests(out) == digests(tmp_path / "single")
+
+
+def test_a_node_resumed_after_empty_slices_lists_them_and_merges(tmp_path: Path, monkeypatch) -> None:
+    """ImageNet files skipped as bad, one per shard: their slices give no shard. A node
+    interrupted after them records them, does not read them again, and the merged
+    manifest equals one machine's."""
+    import json
+
+    import shard_tools.parallel as parallel
+    from shard_tools.synthetic_imagenet import generate_imagenet100
+    from tests.test_imagenet100 import WNIDS
+
+    (tmp_path / "classes.txt").write_text("\n".join(WNIDS) + "\n")
+    options = {"class_list": str(tmp_path / "classes.txt"), "on_bad": "skip"}
+    src = generate_imagenet100(tmp_path / "src", class_list=options["class_list"], n_train=3, n_val=0,
+                               bad_files=True)
+    real, calls = parallel.prepare_blocks, []
+
+    def counted(source, schema, samples):  # type: ignore[no-untyped-def]
+        calls.append(samples[0])
+        if interrupt and len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(source, schema, samples)
+
+    monkeypatch.setattr(parallel, "prepare_blocks", counted)
+    out, interrupt = tmp_path / "o", True
+    with pytest.raises(KeyboardInterrupt):
+        convert("imagenet100", src, out, max_samples=1, max_bytes=None, num_nodes=2, node_rank=0, options=options)
+    finished, interrupt, calls[:] = calls[:-1], False, []  # the 6th slice was cut short
+    convert("imagenet100", src, out, max_samples=1, max_bytes=None, num_nodes=2, node_rank=0, options=options)
+    assert calls and not set(calls) & set(finished)  # no finished slice read again, empty ones included
+    convert("imagenet100", src, out, max_samples=1, max_bytes=None, num_nodes=2, node_rank=1, options=options)
+    single = convert("imagenet100", src, tmp_path / "single", max_samples=1, max_bytes=None, options=options)
+    nodes = [json.loads(p.read_text()) for p in sorted((out / "train").glob("*.node-*.json"))]
+    assert sum(len(n["empty_shards"]) for n in nodes) == 12 - single["train"].num_samples > 0
+    assert merge_manifests(out)["train"] == single["train"]
+    assert digests(out) == digests(tmp_path / "single")

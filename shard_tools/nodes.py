@@ -58,10 +58,11 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
             done.update((s.name, s) for s in shards)  # each recorded in the progress log as it landed
     names = [(i, shard_name(source.split, i)) for i in mine]
     written = [done[name] for _, name in names if name in done and done[name].samples]
+    kept = {s.name for s in written}
     planned = -(-len(order) // max_samples)
     node = {"schema": schema.to_dict(), "num_nodes": num_nodes, "node_rank": node_rank,
             "planned_shards": planned, "shards": [vars(s) for s in written],
-            "empty_shards": [i for i, name in names if name not in done or not done[name].samples]}  # all skipped
+            "empty_shards": [i for i, name in names if name not in kept]}  # every sample skipped by the format
     write_atomic(split_dir / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
                 json.dumps(node, sort_keys=True, indent=2) + "\n")
     share = sum(len(order[i * max_samples:(i + 1) * max_samples]) for i in mine)

@@ -4,10 +4,13 @@ fast header check against Pillow's."""
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import io
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -376,25 +379,31 @@ def test_file_gone_since_the_listing(tmp_path: Path) -> None:
         list(fmt.iter_blocks(src, "train", [0, 4]))
 
 
+@contextlib.contextmanager
+def jpeg_opens_logged(log: Path, monkeypatch) -> Iterator[Path]:
+    """Append to ``log`` the path of every JPEG ``open``ed meanwhile, in this process or
+    in pool processes forked from it (hence a file, not a list)."""
+    real_open = builtins.open
+
+    def logged(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(file).endswith((".JPEG", ".jpg", ".jpeg")):
+            with real_open(log, "a") as f:
+                f.write(f"{file}\n")
+        return real_open(file, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", logged)
+        yield log
+
+
 @pytest.mark.parametrize(("workers", "max_bytes"), [(1, None), (2, None), (2, 10**9)])
 def test_each_file_is_read_once(tmp_path: Path, monkeypatch, workers: int, max_bytes: int | None) -> None:
     """No scan before writing: a file is opened once, when its sample is written (counted
     in this process, or, with workers, in the pool processes, through a log)."""
-    import builtins
-
     src, class_file = make_source(tmp_path, n_train=5, bad_files=True)
-    opened, real_open = tmp_path / "opened.txt", builtins.open
-
-    def logged(file, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if str(file).endswith((".JPEG", ".jpg", ".jpeg")):
-            with real_open(opened, "a") as f:
-                f.write(f"{file}\n")
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", logged)
-    convert("imagenet100", src, tmp_path / "out", options={"class_list": str(class_file), "on_bad": "skip"},
-            workers=workers, max_samples=4, max_bytes=max_bytes)
-    monkeypatch.setattr(builtins, "open", real_open)
+    with jpeg_opens_logged(tmp_path / "opened.txt", monkeypatch) as opened:
+        convert("imagenet100", src, tmp_path / "out", options={"class_list": str(class_file), "on_bad": "skip"},
+                workers=workers, max_samples=4, max_bytes=max_bytes)
     reads = opened.read_text().splitlines()
     images = [p for p in src.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg")]
     assert sorted(reads) == sorted(map(str, images))
@@ -446,7 +455,6 @@ def test_a_resume_does_not_read_an_empty_slice_again(tmp_path: Path, monkeypatch
     """One file per shard, so each skipped file leaves a slice with no sample: the progress
     log records it, and a run interrupted just before publishing resumes without opening
     any file again, with the same output as a run never interrupted."""
-    import builtins
 
     from shard_tools.parallel import StagedSplit
 
@@ -466,16 +474,7 @@ def test_a_resume_does_not_read_an_empty_slice_again(tmp_path: Path, monkeypatch
         patch.setattr(StagedSplit, "publish", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path / "resumed")
-    opened, real_open = tmp_path / "opened.txt", builtins.open  # a file: pool workers open too
-
-    def logged(file, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if str(file).endswith((".JPEG", ".jpg", ".jpeg")):
-            with real_open(opened, "a") as f:
-                f.write(f"{file}\n")
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", logged)
-    assert run(tmp_path / "resumed") == whole
-    monkeypatch.setattr(builtins, "open", real_open)
+    with jpeg_opens_logged(tmp_path / "opened.txt", monkeypatch) as opened:
+        assert run(tmp_path / "resumed") == whole
     assert not opened.exists(), opened.read_text()
     assert _digests(tmp_path / "resumed") == _digests(tmp_path / "whole")

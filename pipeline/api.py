@@ -9,9 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.batching import Transform
-from pipeline.errors import HeaderMismatchError, PipelineError, ShardFormatError
-from pipeline.header import read_header, read_header_from
+from pipeline.disk_cache import DEFAULT_LIMIT
+from pipeline.errors import HeaderMismatchError, ManifestError, PipelineError, ShardFormatError
+from pipeline.header import read_header, read_header_and_size, read_header_from
 from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_world
+from pipeline.manifest import MIN_SAMPLE_BYTES
 from pipeline.planning import UNEVEN_POLICIES, Slice
 from pipeline.schema import DatasetSchema
 from pipeline.sources import ShardSet, resolve_shards
@@ -32,37 +34,66 @@ def pick_split(sets: list[ShardSet], split: str | None, source: object) -> Shard
                            f"{[s.label for s in sets]}")
 
 
-def read_schema(source: str | Sequence[str], *, split: str | None = "train",
-                storage_options: dict[str, Any] | None = None) -> DatasetSchema:
-    """The schema of one split (from its manifest, else its first shard's header)."""
+def find_split(source: str | Sequence[str], split: str | None, storage_options: dict[str, Any] | None,
+               require_manifest: bool = True) -> ShardSet:
+    """The shard set of ``split`` named by ``source``; a split directory without a manifest
+    is refused unless ``require_manifest`` is False (see :meth:`ShardSet.require_manifest`)."""
     shards = pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
+    if not shards.urls:
+        raise ShardFormatError(f"{source}: split {split!r} has no shards")
+    return shards.require_manifest() if require_manifest else shards
+
+
+def read_schema(source: str | Sequence[str], *, split: str | None = "train",
+                storage_options: dict[str, Any] | None = None, require_manifest: bool = True) -> DatasetSchema:
+    """The schema of one split (from its manifest, else its first shard's header)."""
+    shards = find_split(source, split, storage_options, require_manifest)
     return shards.manifest.schema if shards.manifest else read_header(shards.urls[0], storage_options)
 
 
-def _header(url: str, storage_options: dict[str, Any] | None, allow_pipe: bool) -> DatasetSchema:
+def _header(url: str, storage_options: dict[str, Any] | None, allow_pipe: bool) -> tuple[DatasetSchema, int | None]:
     if url.startswith("pipe:"):  # a command's output: run it (if allowed) and read the first member
-        return read_header_from(io.BytesIO(read_shard(url, allow_pipe=allow_pipe)), url)
-    return read_header(url, storage_options)
+        return read_header_from(io.BytesIO(read_shard(url, allow_pipe=allow_pipe)), url), None
+    return read_header_and_size(url, storage_options)
 
 
-def check_headers(urls: Sequence[str], expected: DatasetSchema | None,
-                  storage_options: dict[str, Any] | None, allow_pipe: bool = False) -> DatasetSchema:
-    """The split's schema; every shard's header must equal it (all mismatches are listed)."""
+def check_headers(shards: ShardSet, storage_options: dict[str, Any] | None, allow_pipe: bool = False,
+                  on_error: str = "raise") -> tuple[DatasetSchema, list[int | None]]:
+    """The split's schema and every shard's size: every shard's header must equal the schema
+    (all mismatches are listed), and, with a manifest, every shard's size must be the
+    manifest's: a manifest that does not describe its shards is refused before its counts
+    are used (``on_error="skip"``: a warning; see :func:`manifest_slices`)."""
+    urls = shards.urls
     with ThreadPoolExecutor(max_workers=8) as pool:
-        headers = list(pool.map(lambda u: _header(u, storage_options, allow_pipe), urls))
-    reference = expected or headers[0]
-    bad = [u for u, h in zip(urls, headers, strict=True) if h != reference]
+        found = list(pool.map(lambda u: _header(u, storage_options, allow_pipe), urls))
+    reference = shards.manifest.schema if shards.manifest else found[0][0]
+    bad = [u for u, (header, _) in zip(urls, found, strict=True) if header != reference]
     if bad:
         raise HeaderMismatchError(f"{len(bad)} shard(s) disagree with the split's schema "
                                   f"({reference.name!r}, split {reference.split!r}): {bad[:10]}")
-    return reference
+    sizes = [size for _, size in found]
+    if shards.manifest is not None:
+        differ = [(u, info.bytes, size) for u, info, size in zip(urls, shards.manifest.shards, sizes, strict=True)
+                  if size is not None and size != info.bytes]
+        if differ:
+            listed = "; ".join(f"{u}: {expected} bytes listed, {size} found" for u, expected, size in differ[:5])
+            message = (f"{shards.manifest_url}: {len(differ)} shard(s) differ in size from the manifest ({listed}); "
+                       "the manifest does not describe these shards")
+            if on_error == "raise":
+                raise ManifestError(message)
+            log.warning("%s", message)
+    return reference, sizes
 
 
 def manifest_slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir: str | None,
-                    allow_pipe: bool) -> tuple[Slice, ...]:
-    """Every shard as a whole slice, with its sample count (from the manifest, else counted)."""
+                    allow_pipe: bool, sizes: Sequence[int | None] | None = None) -> tuple[Slice, ...]:
+    """Every shard as a whole slice, with its sample count: from the manifest (no more than
+    fit in the shard's real ``sizes``, where known, so that nothing is planned by a count
+    its file could not hold), else counted."""
     if shards.manifest is not None:
-        return tuple(Slice(u, 0, s.samples) for u, s in zip(shards.urls, shards.manifest.shards, strict=True))
+        found = sizes or [None] * len(shards.urls)
+        return tuple(Slice(u, 0, s.samples if size is None else min(s.samples, size // MIN_SAMPLE_BYTES))
+                     for u, s, size in zip(shards.urls, shards.manifest.shards, found, strict=True))
     log.warning("%s: no manifest; reading every shard once to count its samples", shards.label)
     counts = [count_samples(read_shard(u, storage_options=options, cache_dir=cache_dir, allow_pipe=allow_pipe), u)
               for u in shards.urls]
@@ -88,7 +119,8 @@ def make_loader(source: str | Sequence[str], *, split: str | None = "train", bat
                 uneven: str = "drop", drop_last: bool = False, on_error: str = "raise",
                 storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
                 retries: int = 3, allow_pipe: bool = False, with_keys: bool = False,
-                prefetch_factor: int = 2, pin_memory: bool = False) -> ShardLoader:
+                prefetch_factor: int = 2, pin_memory: bool = False, require_manifest: bool = True,
+                cache_limit: int = DEFAULT_LIMIT) -> ShardLoader:
     """A loader over one split of shards; see ``docs/loader.md``.
 
     ``source``: a shard-set root (``split`` picks the subdirectory), a split directory, a
@@ -107,18 +139,17 @@ def make_loader(source: str | Sequence[str], *, split: str | None = "train", bat
     default_size, default_rank = default_world()
     world_size = default_size if world_size is None else world_size
     rank = default_rank if rank is None else rank
-    shards = pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
-    expected = shards.manifest.schema if shards.manifest else None
-    schema = check_headers(shards.urls, expected, storage_options, allow_pipe)
+    shards = find_split(source, split, storage_options, require_manifest)
+    schema, sizes = check_headers(shards, storage_options, allow_pipe, on_error)
     if not schema.image.fixed_size and transform is None:
         raise PipelineError(f"{source}: the images of {schema.name!r} vary in size ({schema.image.describe()}); "
                             "pass a transform that gives every image one size, e.g. "
                             "torchvision.transforms.v2.RandomResizedCrop(224)")
-    config = StreamConfig(shards=manifest_slices(shards, storage_options, cache_dir, allow_pipe), schema=schema,
+    config = StreamConfig(shards=manifest_slices(shards, storage_options, cache_dir, allow_pipe, sizes), schema=schema,
                           batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           world_size=world_size, rank=rank, num_workers=num_workers, uneven=uneven,
                           drop_last=drop_last, on_error=on_error, storage_options=storage_options,
-                          cache_dir=cache_dir, retries=retries, allow_pipe=allow_pipe,
+                          cache_dir=cache_dir, cache_limit=cache_limit, retries=retries, allow_pipe=allow_pipe,
                           batches_per_hand_off=hand_off_group(batch_size * image_bytes(schema)))
     config.plan(0)  # fail now, not in a worker, on impossible settings
     return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from pipeline.label_columns import decode_label_columns
-from pipeline.schema import DatasetSchema
+from pipeline.errors import quoted
+from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
+from pipeline.schema import DatasetSchema, Head
 from pipeline.tario import ShardIndex
 from pipeline.union import MISSING_CLASS, HeadMap
 
@@ -38,16 +39,55 @@ class DecodedShard:
     label_matrices: tuple[np.ndarray, np.ndarray] | None = None  # made by the assembler on first use
 
 
+_VALUE_TOLERANCE = 1e-6  # of a quantized head's range: float32 rounding of its ends
+
+
+@dataclass(frozen=True)
+class _HeadCheck:
+    """What a label of one head may be: a class in ``0..classes-1`` and, for a quantized
+    head, a finite real value in ``[low, high]`` (give or take float32 rounding)."""
+
+    name: str
+    classes: int
+    quantized: bool
+    low: float = 0.0
+    high: float = 0.0
+
+    @classmethod
+    def of(cls, head: Head) -> _HeadCheck:
+        if head.kind != "quantized" or head.min is None or head.max is None:
+            return cls(head.name, head.num_classes, False)
+        slack = (head.max - head.min) * _VALUE_TOLERANCE
+        return cls(head.name, head.num_classes, True, head.min - slack, head.max + slack)
+
+    def problem(self, cls: object, value: object) -> str | None:
+        """Why one sample's label breaks this head (None when it is sound)."""
+        if type(cls) is not int or not 0 <= cls < self.classes:
+            return f"head {self.name!r}: class expected an int in 0..{self.classes - 1}, found {quoted(cls)}"
+        if self.quantized and (type(value) not in (int, float) or not self.low <= value <= self.high):  # type: ignore[operator]
+            return (f"head {self.name!r}: value expected a number in {self.low:.6g}..{self.high:.6g}, found "
+                    f"{quoted(value)}")
+        return None
+
+    def column_problems(self, classes: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+        """Which samples of a shard's label columns break this head."""
+        bad = (classes < 0) | (classes >= self.classes)
+        if self.quantized and values is not None:
+            bad |= ~((values >= self.low) & (values <= self.high))  # NaN is out of range too
+        return bad
+
+
 def _label_columns(index: ShardIndex, schema: DatasetSchema,
                    problems: dict[int, str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Every sample's class (and value) per head; unreadable labels are noted in ``problems``."""
+    """Every sample's class (and value) per head; unreadable labels, and labels of the wrong
+    type or out of their head's range, are noted in ``problems`` (class -1, value NaN)."""
     n, data = len(index), index.data
     offsets, sizes = index.offsets.get(LABELS_EXT), index.sizes.get(LABELS_EXT)
     if offsets is None or sizes is None:
         offsets = sizes = np.full(n, -1, dtype=np.int64)
-    heads = [(h.name, h.kind == "quantized") for h in schema.heads]
-    classes: dict[str, list[int]] = {name: [] for name, _ in heads}
-    values: dict[str, list[float]] = {name: [] for name, quantized in heads if quantized}
+    heads = [_HeadCheck.of(h) for h in schema.heads]
+    classes: dict[str, list[int]] = {h.name: [] for h in heads}
+    values: dict[str, list[float]] = {h.name: [] for h in heads if h.quantized}
     gc_was_enabled = gc.isenabled()
     gc.disable()  # tens of thousands of short-lived dicts: no cycles to find, only time to lose
     try:
@@ -62,29 +102,44 @@ def _label_columns(index: ShardIndex, schema: DatasetSchema,
             {k: np.asarray(v, dtype=np.float32) for k, v in values.items()})
 
 
-def _append_labels(data: bytes, start: int, size: int, heads: list[tuple[str, bool]],
-                   classes: dict[str, list[int]], values: dict[str, list[float]]) -> str | None:
-    """Append one sample's labels to the columns (-1 / NaN when unreadable, with the reason)."""
+def _record_row(data: bytes, start: int, size: int,
+                heads: list[_HeadCheck]) -> tuple[list[tuple[int, float | None]], None] | tuple[None, str]:
+    """One label member as ``(class, value)`` per head, or why it cannot be."""
     if start < 0:
-        reason = f"{LABELS_EXT}: missing label member"
-    else:
-        try:
-            record = msgpack.unpackb(data[start:start + size])
-            row = [(name, record[name]["class"], record[name].get("value", np.nan) if quantized else None)
-                   for name, quantized in heads]
-        except (msgpack.UnpackException, ValueError, KeyError, TypeError, AttributeError) as e:
-            reason = f"{LABELS_EXT}: labels do not decode to every head's class ({e!r})"
-        else:
-            for name, cls, value in row:
-                classes[name].append(cls)
-                if value is not None:
-                    values[name].append(value)
-            return None
-    for name, quantized in heads:
-        classes[name].append(-1)
-        if quantized:
-            values[name].append(np.nan)
+        return None, f"{LABELS_EXT}: missing label member"
+    try:
+        record = msgpack.unpackb(data[start:start + size])
+        row = [(record[h.name]["class"], record[h.name].get("value") if h.quantized else None) for h in heads]
+    except (msgpack.UnpackException, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"{LABELS_EXT}: labels do not decode to every head's class ({quoted(e)})"
+    for head, (cls, value) in zip(heads, row, strict=True):
+        problem = head.problem(cls, value)
+        if problem is not None:
+            return None, f"{LABELS_EXT}: {problem}"
+    return row, None
+
+
+def _append_labels(data: bytes, start: int, size: int, heads: list[_HeadCheck],
+                   classes: dict[str, list[int]], values: dict[str, list[float]]) -> str | None:
+    """Append one sample's labels to the columns (-1 / NaN when unsound, with the reason)."""
+    row, reason = _record_row(data, start, size, heads)
+    for head, (cls, value) in zip(heads, row or [(-1, np.nan)] * len(heads), strict=True):
+        classes[head.name].append(cls)
+        if head.quantized:
+            values[head.name].append(np.nan if value is None else value)
     return reason
+
+
+def _column_problems(schema: DatasetSchema, classes: dict[str, np.ndarray], values: dict[str, np.ndarray],
+                     problems: dict[int, str]) -> None:
+    """Note every sample whose ``__labels__`` columns break a head (first reason kept)."""
+    for head in schema.heads:
+        check = _HeadCheck.of(head)
+        bad = check.column_problems(classes[head.name], values.get(head.name))
+        for i in np.flatnonzero(bad).tolist():
+            value = float(values[head.name][i]) if head.name in values else None
+            reason = check.problem(int(classes[head.name][i]), value) or "label out of range"
+            problems.setdefault(i, f"{LABELS_MEMBER}: {reason}")
 
 
 def decode_shard(index: ShardIndex, schema: DatasetSchema, source: int = 0) -> DecodedShard:
@@ -94,6 +149,7 @@ def decode_shard(index: ShardIndex, schema: DatasetSchema, source: int = 0) -> D
     if index.labels_member is not None:  # the shard's label columns; label members must still be there
         start, size = index.labels_member
         classes, values = decode_label_columns(index.data[start:start + size], schema, n, index.url)
+        _column_problems(schema, classes, values, problems)
         members = index.offsets.get(LABELS_EXT, np.full(n, -1, dtype=np.int64))
         problems.update({i: f"{LABELS_EXT}: missing label member" for i in np.flatnonzero(members < 0).tolist()})
     else:

@@ -29,3 +29,15 @@ class ManifestError(ShardFormatError):
 
 class ConversionError(PipelineError):
     """A source dataset cannot be converted: missing, truncated or inconsistent input."""
+
+
+QUOTE_LIMIT = 160  # characters of a found value shown in a message
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (with the full
+    length said) so that a crafted 64 MB field gives a short line, not a 64 MB one."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters in all)"

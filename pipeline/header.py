@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import tarfile
 from typing import IO, Any
 
 import fsspec
 
-from pipeline.errors import HeaderMismatchError, SchemaError, ShardFormatError
-from pipeline.schema import DatasetSchema
-from pipeline.storage import REMOTE_ERRORS
+from pipeline.errors import HeaderMismatchError, SchemaError, ShardFormatError, quoted
+from pipeline.schema import MAX_HEADER_BYTES, DatasetSchema
+from pipeline.storage import REMOTE_ERRORS, is_remote, local_file_size
+from pipeline.tar_members import BLOCK, REGULAR, read_tar_header
 
 HEADER_MEMBER = "__header__"
 
@@ -19,7 +19,7 @@ def header_bytes(schema: DatasetSchema) -> bytes:
     return schema.to_json().encode("utf-8")
 
 
-def parse_header(data: bytes, where: str) -> DatasetSchema:
+def parse_header_json(data: bytes, where: str) -> DatasetSchema:
     try:
         return DatasetSchema.from_json(data, where=f"{where}: {HEADER_MEMBER}")
     except SchemaError as e:
@@ -29,39 +29,58 @@ def parse_header(data: bytes, where: str) -> DatasetSchema:
 def header_mismatch(url: str, found: bytes, expected: bytes) -> HeaderMismatchError:
     """The error for a shard whose header differs from its split's, naming what differs."""
     try:
-        a, b = parse_header(expected, "expected").to_dict(), parse_header(found, url).to_dict()
+        a, b = parse_header_json(expected, "expected").to_dict(), parse_header_json(found, url).to_dict()
     except ShardFormatError as e:
         return HeaderMismatchError(f"{url}: header differs from its split's and does not parse ({e})")
-    diff = "; ".join(f"{k}: expected {a.get(k)!r}, found {b.get(k)!r}"
+    diff = "; ".join(f"{k}: expected {quoted(a.get(k))}, found {quoted(b.get(k))}"
                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
     return HeaderMismatchError(f"{url}: header differs from its split's: {diff}")
 
 
+def _read_exactly(stream: IO[bytes], size: int, what: str, where: str) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            raise ShardFormatError(f"{where}: {what}: truncated: expected {size} bytes, found {len(data)}")
+        data += chunk
+    return data
+
+
 def read_header_from(stream: IO[bytes], where: str) -> DatasetSchema:
-    """Read the schema from the first member of the tar ``stream`` (positioned at 0)."""
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            first = tar.next()
-            if first is None:
-                raise ShardFormatError(f"{where}: expected a first member {HEADER_MEMBER!r}, "
-                                       "found an empty tar")
-            if first.name != HEADER_MEMBER:
-                raise ShardFormatError(f"{where}: expected first member {HEADER_MEMBER!r}, "
-                                       f"found {first.name!r}")
-            member = tar.extractfile(first)
-            data = member.read() if member is not None else b""
-    except tarfile.TarError as e:
-        raise ShardFormatError(f"{where}: expected a tar file, found unreadable data ({e})") from e
-    return parse_header(data, where)
+    """Read the schema from the first member of the tar ``stream`` (positioned at 0): one
+    header block, checked as the loader checks every block, then at most
+    ``MAX_HEADER_BYTES`` of JSON."""
+    block = _read_exactly(stream, BLOCK, "the first tar header", where)
+    if block == bytes(BLOCK):
+        raise ShardFormatError(f"{where}: expected a first member {HEADER_MEMBER!r}, found an empty tar")
+    name, size, typeflag = read_tar_header(block, 0, where)
+    if name != HEADER_MEMBER.encode() or typeflag not in REGULAR:
+        found = quoted(name.decode(errors="replace"))
+        raise ShardFormatError(f"{where}: expected first member {HEADER_MEMBER!r}, found {found}")
+    if size > MAX_HEADER_BYTES:
+        raise ShardFormatError(f"{where}: {HEADER_MEMBER}: expected at most {MAX_HEADER_BYTES} bytes, found {size}")
+    return parse_header_json(_read_exactly(stream, size, HEADER_MEMBER, where), where)
 
 
 def read_header(url: str, storage_options: dict[str, Any] | None = None) -> DatasetSchema:
     """Read the schema embedded in the shard at ``url`` (local path or fsspec URL)."""
+    return read_header_and_size(url, storage_options)[0]
+
+
+def read_header_and_size(url: str, storage_options: dict[str, Any] | None = None) -> tuple[DatasetSchema, int | None]:
+    """The schema embedded in the shard at ``url`` and the shard's size in bytes (None
+    where the file system does not say), from one open."""
+    if not is_remote(url):
+        local_file_size(url)  # a regular file: a named pipe would block the open
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            return read_header_from(f, url)
+            size = getattr(f, "size", None)
+            return read_header_from(f, url), size if isinstance(size, int) else None
     except FileNotFoundError as e:
         raise ShardFormatError(f"{url}: shard not found") from e
+    except IsADirectoryError as e:
+        raise ShardFormatError(f"{url}: expected a shard file, found a directory") from e
     except PermissionError as e:
         raise ShardFormatError(f"{url}: access denied ({e}); check the credentials") from e
     except REMOTE_ERRORS as e:

@@ -20,8 +20,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.batching import IMAGES, BatchAssembler, BatchRefs, DecodedShard, Transform, decode_shard, to_union
-from pipeline.errors import PipelineError, ShardFormatError
+from pipeline.disk_cache import DEFAULT_LIMIT
+from pipeline.errors import ManifestError, PipelineError, ShardFormatError
 from pipeline.header import header_bytes
+from pipeline.lifetime import DieWithParent
 from pipeline.mixing import MixPlan
 from pipeline.planning import Slice, WorkerPlan, batches_done_per_worker, epoch_rng, plan_epoch, worker_batches
 from pipeline.schema import DatasetSchema
@@ -50,6 +52,7 @@ class StreamConfig:
     on_error: str = "raise"
     storage_options: dict[str, Any] | None = None
     cache_dir: str | None = None
+    cache_limit: int = DEFAULT_LIMIT
     retries: int = 3
     allow_pipe: bool = False
     batches_per_hand_off: int = 1
@@ -89,6 +92,7 @@ class _ShardCache:
         self.shards: dict[int, DecodedShard] = {}
         self.kept: dict[tuple[int, str], DecodedShard] = {}  # by (source, url): two sources may share files
         self.kept_bytes = 0
+        self.listed = {(s.source, s.url): s.stop for s in config.shards}  # each shard's count in its manifest
 
     def get(self, url: str, source: int = 0) -> DecodedShard:
         shard = self.shards.get(source)
@@ -101,10 +105,11 @@ class _ShardCache:
         c = self.config
         options = c.storage_options if c.source_options is None else c.source_options[source]
         data = read_shard(url, storage_options=options, retries=c.retries, cache_dir=c.cache_dir,
-                          allow_pipe=c.allow_pipe)
+                          cache_limit=c.cache_limit, allow_pipe=c.allow_pipe)
         index = index_shard(data, url, self.headers[source], tolerant=c.on_error == "skip")
         if index.error:
             log.warning("%s", index.error)
+        self._check_count(url, len(index), self.listed.get((source, url)), index.error is None)
         shard = decode_shard(index, self.schemas[source], source)
         if self.head_map is not None:
             shard = to_union(shard, c.schema, self.head_map)
@@ -112,6 +117,20 @@ class _ShardCache:
             self.kept[(source, url)] = shard
             self.kept_bytes += len(data)
         return shard
+
+
+    def _check_count(self, url: str, found: int, listed: int | None, complete: bool) -> None:
+        """A shard must hold the samples its manifest lists: more would be silently left out,
+        fewer read as missing. ``raise``: an error; ``skip``: a warning (missing samples are
+        replaced, extra ones are not read)."""
+        if listed is None or found == listed or (found < listed and not complete):
+            return  # a shard cut short was warned about, and its missing samples are replaced
+        message = (f"{url}: the manifest lists {listed} samples, the shard holds {found}; the manifest does not "
+                   "describe this shard")
+        if self.config.on_error == "raise":
+            raise ManifestError(message)
+        more = "samples after the listed ones are not read" if found > listed else "the missing ones are replaced"
+        log.warning("%s (%s)", message, more)
 
 
 def _slice_positions(piece: Slice, shard: DecodedShard, config: StreamConfig) -> np.ndarray:
@@ -153,7 +172,7 @@ def stream_windows(plan: WorkerPlan, config: StreamConfig, skip: int = 0,
     ``skip``. Within each window of ``shuffle_buffer`` samples the order is a seeded
     permutation."""
     cache = _ShardCache(config, head_map)
-    size = config.shuffle_buffer if config.shuffle else 1
+    size = config.shuffle_buffer  # without shuffle too: a slice with no readable sample borrows from its window
     for number, window in enumerate(_windows(plan.slices, max(1, size), plan.windows)):
         count = sum(len(s) for s in window)
         if skip >= count:
@@ -278,7 +297,7 @@ class ShardLoader:
             self._loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
                                       pin_memory=self.pin_memory, persistent_workers=workers > 0,
                                       prefetch_factor=self.prefetch_factor if workers else None,
-                                      timeout=self.timeout)
+                                      timeout=self.timeout, worker_init_fn=DieWithParent())
         return self._loader
 
     def __iter__(self) -> Iterator[Any]:

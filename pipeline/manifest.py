@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
-from pipeline.errors import ManifestError, SchemaError
+from pipeline.bounded_json import load_json
+from pipeline.errors import ManifestError, SchemaError, quoted
 from pipeline.schema import DatasetSchema
 from pipeline.storage import REMOTE_ERRORS
+from pipeline.tar_members import BLOCK
 
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # about half a million shards
+MIN_SAMPLE_BYTES = 2 * BLOCK  # a sample is at least two members (image, labels), a header block each
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -47,40 +54,66 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = MANIFEST_NAME) -> Manifest:
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{where}: expected JSON, found unparsable text ({e})") from e
+        """A manifest checked in structure and types: every shard named once by a plain file
+        name, counts that are integers (not booleans) and fit the shard's bytes, and
+        ``num_samples`` their sum."""
+        data = load_json(text, where=where, error=ManifestError, max_bytes=MAX_MANIFEST_BYTES)
         if not isinstance(data, Mapping) or not isinstance(data.get("shards"), list):
-            raise ManifestError(f"{where}: expected an object with 'schema' and 'shards'")
+            raise ManifestError(f"{where}: expected an object with 'schema' and 'shards' (a list)")
         try:
             schema = DatasetSchema.from_dict(data.get("schema"), f"{where}: schema")  # type: ignore[arg-type]
         except SchemaError as e:
             raise ManifestError(str(e)) from e
         shards = tuple(_shard_info(s, f"{where}: shards[{i}]") for i, s in enumerate(data["shards"]))
+        names: dict[str, int] = {}
+        for i, shard in enumerate(shards):
+            if shard.name in names:
+                raise ManifestError(f"{where}: shards[{i}]: {shard.name!r} is listed again (first as "
+                                    f"shards[{names[shard.name]}]); each shard must be listed once")
+            names[shard.name] = i
         manifest = cls(schema=schema, shards=shards)
-        if data.get("num_samples") != manifest.num_samples:
+        num_samples = data.get("num_samples")
+        if not _is_count(num_samples) or num_samples != manifest.num_samples:
             raise ManifestError(f"{where}: num_samples expected {manifest.num_samples} (sum over "
-                                f"shards), found {data.get('num_samples')!r}")
+                                f"shards), found {quoted(num_samples)}")
         return manifest
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _shard_info(d: Any, where: str) -> ShardInfo:
-    ok = (isinstance(d, Mapping) and isinstance(d.get("name"), str)
-          and all(isinstance(d.get(k), int) and d[k] >= 0 for k in ("samples", "bytes"))
-          and isinstance(d.get("sha256"), str) and len(d["sha256"]) == 64)
-    if not ok:
-        raise ManifestError(f"{where}: expected {{name, samples, bytes, sha256}}, found {d!r}")
-    return ShardInfo(name=d["name"], samples=d["samples"], bytes=d["bytes"], sha256=d["sha256"])
+    """One ``shards`` entry: a plain ``.tar`` file name (no path, no NUL, not hidden), counts
+    as non-negative integers with at most one sample per ``MIN_SAMPLE_BYTES`` bytes, and a
+    sha256 in hex."""
+    expected = "{name, samples, bytes, sha256}"
+    if not isinstance(d, Mapping) or not {"name", "samples", "bytes", "sha256"} <= set(d):
+        raise ManifestError(f"{where}: expected {expected}, found {quoted(d)}")
+    name, samples, size, sha = d["name"], d["samples"], d["bytes"], d["sha256"]
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+        raise ManifestError(f"{where}: name: expected a plain file name <name>.tar (letters, digits, _ . -; not "
+                            f"hidden, no path), found {quoted(name)}")
+    if not _is_count(samples) or not _is_count(size):
+        raise ManifestError(f"{where}: samples and bytes: expected integers >= 0, found {quoted(samples)} and "
+                            f"{quoted(size)}")
+    if samples > size // MIN_SAMPLE_BYTES:
+        raise ManifestError(f"{where}: {name}: {samples} samples cannot fit in {size} bytes (a sample takes at "
+                            f"least {MIN_SAMPLE_BYTES})")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ManifestError(f"{where}: sha256: expected 64 hex digits, found {quoted(sha)}")
+    return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha)
 
 
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """Read a manifest from a local path or fsspec URL."""
+    """Read a manifest from a local path or fsspec URL (at most ``MAX_MANIFEST_BYTES``)."""
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            return Manifest.from_json(f.read(), where=url)
+            return Manifest.from_json(f.read(MAX_MANIFEST_BYTES + 1), where=url)
     except FileNotFoundError as e:
         raise ManifestError(f"{url}: manifest not found") from e
+    except IsADirectoryError as e:
+        raise ManifestError(f"{url}: expected a manifest file, found a directory") from e
     except PermissionError as e:
         raise ManifestError(f"{url}: access denied ({e}); check the credentials") from e
     except REMOTE_ERRORS as e:

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from pipeline.api import check_headers, hand_off_group, image_bytes, manifest_slices, pick_split
+from pipeline.api import check_headers, find_split, hand_off_group, image_bytes, manifest_slices
 from pipeline.batching import Transform
+from pipeline.disk_cache import DEFAULT_LIMIT
 from pipeline.errors import PipelineError
 from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_world
 from pipeline.mixing import MixPlan, apportion
 from pipeline.planning import UNEVEN_POLICIES, Slice
-from pipeline.sources import resolve_shards
 from pipeline.union import DATASET_HEAD, check_transform_sizes, source_name, union_schema
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
         shuffle_buffer: int = 4096, world_size: int | None = None, rank: int | None = None,
         drop_last: bool = False, on_error: str = "raise", storage_options: dict[str, Any] | None = None,
         cache_dir: str | None = None, retries: int = 3, with_keys: bool = False, prefetch_factor: int = 2,
-        pin_memory: bool = False, dataset_head: str = DATASET_HEAD, uneven: str = "drop") -> ShardLoader:
+        pin_memory: bool = False, dataset_head: str = DATASET_HEAD, uneven: str = "drop",
+        require_manifest: bool = True, cache_limit: int = DEFAULT_LIMIT) -> ShardLoader:
     """A loader over several sources whose per-epoch counts are exact (see
     :func:`epoch_targets`), on every rank and every worker alike. Labels follow the union
     schema (``loader.schema``): heads a sample's source lacks are class ``-1`` (value NaN),
@@ -149,11 +150,11 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     options = tuple(storage_options if spec.storage_options is None else dict(spec.storage_options)
                     for spec in specs)
     for k, (spec, opts) in enumerate(zip(specs, options, strict=True)):
-        shards = pick_split(resolve_shards(spec.source, split=spec.split, storage_options=opts),
-                            spec.split, spec.source)
-        schemas.append(check_headers(shards.urls, shards.manifest.schema if shards.manifest else None, opts))
+        shards = find_split(spec.source, spec.split, opts, require_manifest)
+        schema, sizes = check_headers(shards, opts, on_error=on_error)
+        schemas.append(schema)
         shard_lists.append(tuple(Slice(s.url, s.start, s.stop, k)
-                                 for s in manifest_slices(shards, opts, cache_dir, False)))
+                                 for s in manifest_slices(shards, opts, cache_dir, False, sizes)))
     names = [spec.name or source_name(schema.name) for spec, schema in zip(specs, schemas, strict=True)]
     own = tuple(spec.transform for spec in specs)
     per_source = any(t is not None for t in own)
@@ -179,7 +180,8 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     config = StreamConfig(shards=tuple(s for shards in shard_lists for s in shards), schema=union,
                           batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           world_size=world_size, rank=rank, num_workers=num_workers, drop_last=drop_last,
-                          on_error=on_error, storage_options=storage_options, cache_dir=cache_dir, retries=retries,
+                          on_error=on_error, storage_options=storage_options, cache_dir=cache_dir,
+                          cache_limit=cache_limit, retries=retries,
                           batches_per_hand_off=hand_off_group(batch_size * largest_image), mix=plan,
                           source_options=options)
     config.plan(0)  # fail now, not in a worker, on impossible settings

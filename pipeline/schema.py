@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipeline.errors import SchemaError
+from pipeline.bounded_json import load_json
+from pipeline.errors import SchemaError, quoted
 
 FORMAT_NAME = "multihead-shards"
 FORMAT_VERSION = "1.1"
@@ -22,12 +23,16 @@ ENCODINGS = ("raw", "png", "jpg")
 LAYOUTS = ("CHW", "HWC")
 HEAD_KINDS = ("class", "quantized")
 QUANTIZATION_LEVELS = 256
+MAX_SIDE = 65535  # pixels per image side (JPEG's own limit)
+MAX_CHANNELS = 4096
+MAX_CLASSES = 1 << 20  # per head: a model's output layer is sized by it
+MAX_HEADER_BYTES = 8 << 20  # the schema's JSON
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def _require(ok: bool, where: str, expected: object, found: object) -> None:
     if not ok:
-        raise SchemaError(f"{where}: expected {expected}, found {found!r}")
+        raise SchemaError(f"{where}: expected {expected}, found {quoted(found)}")
 
 
 def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -39,6 +44,10 @@ def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: s
     return value
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
@@ -46,7 +55,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def quantized_num_classes(minimum: float, maximum: float, step: float | None) -> int:
     """Classes of a quantized head: ``round((max-min)/step)+1`` when step > 0, else 256."""
-    if step is None or step <= 0:
+    if step is None or not step > 0:
         return QUANTIZATION_LEVELS
     return round((maximum - minimum) / step) + 1
 
@@ -64,11 +73,12 @@ class ImageSpec:
 
     def __post_init__(self) -> None:
         sizes = (self.height, self.width)
-        _require(sizes == (None, None) or all(isinstance(v, int) and v >= 1 for v in sizes),
-                 "image.height/width", "ints >= 1, or both null (sizes vary)", sizes)
+        _require(sizes == (None, None) or all(_is_int(v) and 1 <= v <= MAX_SIDE for v in sizes),
+                 "image.height/width", f"ints in 1..{MAX_SIDE}, or both null (sizes vary)", sizes)
         _require(self.fixed_size or self.encoding != "raw", "image.height/width", "fixed sizes for raw images",
                  sizes)
-        _require(isinstance(self.channels, int) and self.channels >= 1, "image.channels", "int >= 1", self.channels)
+        _require(_is_int(self.channels) and 1 <= self.channels <= MAX_CHANNELS, "image.channels",
+                 f"an int in 1..{MAX_CHANNELS}", self.channels)
         _require(self.channels in (1, 3, 4) or self.encoding == "raw",
                  "image.channels", "1, 3 or 4 for encoded images", self.channels)
         _require(self.encoding in ENCODINGS, "image.encoding", " | ".join(ENCODINGS), self.encoding)
@@ -116,8 +126,8 @@ class Head:
         _require(isinstance(self.name, str) and bool(_NAME_RE.match(self.name)),
                  "head.name", "an identifier ([A-Za-z][A-Za-z0-9_]*)", self.name)
         _require(self.kind in HEAD_KINDS, f"{where}.kind", " | ".join(HEAD_KINDS), self.kind)
-        _require(isinstance(self.num_classes, int) and self.num_classes >= 1,
-                 f"{where}.num_classes", "int >= 1", self.num_classes)
+        _require(_is_int(self.num_classes) and 1 <= self.num_classes <= MAX_CLASSES,
+                 f"{where}.num_classes", f"an int in 1..{MAX_CLASSES}", self.num_classes)
         _require(not self.class_names or len(self.class_names) == self.num_classes,
                  f"{where}.class_names", f"{self.num_classes} names", len(self.class_names))
         if self.kind == "quantized":
@@ -126,8 +136,11 @@ class Head:
     def _check_quantized(self, where: str) -> None:
         lo, hi = self.min, self.max
         _require(isinstance(lo, (int, float)) and math.isfinite(lo), f"{where}.min", "a finite number", lo)
-        _require(isinstance(hi, (int, float)) and math.isfinite(hi) and hi > lo,  # type: ignore[operator]
-                 f"{where}.max", f"a finite number > min ({lo})", hi)
+        _require(isinstance(hi, (int, float)) and math.isfinite(hi) and hi > lo  # type: ignore[operator]
+                 and math.isfinite(hi - lo), f"{where}.max", f"a finite number > min ({lo}), max - min finite", hi)
+        step = self.step
+        _require(step is None or (isinstance(step, (int, float)) and math.isfinite(step) and step > 0),
+                 f"{where}.step", "a finite number > 0, or null", step)
         _require(self.levels == QUANTIZATION_LEVELS, f"{where}.levels", QUANTIZATION_LEVELS, self.levels)
         expected = quantized_num_classes(lo, hi, self.step)  # type: ignore[arg-type]
         _require(self.num_classes == expected, f"{where}.num_classes",
@@ -175,8 +188,8 @@ class Head:
         kind = _get(d, "kind", str, where)
         extra: dict[str, Any] = {}
         if kind == "quantized":
-            extra = {"min": float(_get(d, "min", (int, float), where)),
-                     "max": float(_get(d, "max", (int, float), where)),
+            extra = {"min": _finite(_get(d, "min", (int, float), where), f"{where}.min"),
+                     "max": _finite(_get(d, "max", (int, float), where), f"{where}.max"),
                      "step": _optional_float(d.get("step"), f"{where}.step"),
                      "levels": _get(d, "levels", int, where)}
         names = d.get("class_names") or ()
@@ -190,10 +203,20 @@ class Head:
                    description=str(d.get("description", "")), class_names=tuple(names), **extra)
 
 
+def _finite(value: int | float, where: str) -> float:
+    """``value`` as a finite float (a JSON integer too large for a float is an error)."""
+    try:
+        number = float(value)
+    except OverflowError as e:
+        raise SchemaError(f"{where}: expected a finite number, found an integer of {len(str(value))} digits") from e
+    _require(math.isfinite(number), where, "a finite number", value)
+    return number
+
+
 def _optional_float(value: Any, where: str) -> float | None:
     _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
              where, "a number or null", value)
-    return None if value is None else float(value)
+    return None if value is None else _finite(value, where)
 
 
 @dataclass(frozen=True)
@@ -276,10 +299,7 @@ class DatasetSchema:
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "schema") -> DatasetSchema:
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SchemaError(f"{where}: expected JSON, found unparsable text ({e})") from e
+        data = load_json(text, where=where, error=SchemaError, max_bytes=MAX_HEADER_BYTES)
         return cls.from_dict(data, where)
 
     @classmethod

@@ -18,20 +18,34 @@ from pipeline.errors import ManifestError, ShardFormatError
 from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
 from pipeline.storage import REMOTE_ERRORS
 
+STAGING_DIR = ".staging"  # where a conversion stages a split before publishing it
+
 
 @dataclass(frozen=True)
 class ShardSet:
-    """The shards of one split: their URLs and, when there is one, the manifest."""
+    """The shards of one split: their URLs and, when there is one, the manifest.
+    ``incomplete`` says why a split directory has no manifest (its shards were then listed
+    from the directory, and are read only when the caller allows it)."""
 
     label: str
     urls: tuple[str, ...]
     manifest: Manifest | None = None
     manifest_url: str | None = None
     listed_dir: str | None = None
+    incomplete: str | None = None
 
     @property
     def split(self) -> str | None:
-        return self.manifest.schema.split if self.manifest else None
+        if self.manifest is not None:
+            return self.manifest.schema.split
+        return posixpath.basename(self.listed_dir.rstrip("/")) if self.listed_dir else None
+
+    def require_manifest(self) -> ShardSet:
+        """This set, if it has a manifest or its shards were named one by one; else a
+        ManifestError saying why the directory has none."""
+        if self.incomplete is not None:
+            raise ManifestError(self.incomplete)
+        return self
 
 
 def _join(base: str, name: str) -> str:
@@ -46,14 +60,29 @@ def _split_order(path: str) -> tuple[int, str]:
 
 
 def _from_manifest(url: str, storage_options: dict[str, Any]) -> ShardSet:
-    manifest = read_manifest(url, storage_options)
+    manifest = read_manifest(url, storage_options)  # shard names checked: plain file names, each once
     base = posixpath.dirname(url)
-    for shard in manifest.shards:
-        if "/" in shard.name or shard.name.startswith("."):
-            raise ManifestError(f"{url}: shard name {shard.name!r} must be a plain file name")
     urls = tuple(_join(base, s.name) for s in manifest.shards)
     return ShardSet(label=manifest.schema.split, urls=urls, manifest=manifest,
                     manifest_url=url, listed_dir=base)
+
+
+def _unlisted(url: str, fs: fsspec.AbstractFileSystem, path: str, full: Any) -> ShardSet | None:
+    """The ``.tar`` files of a directory without a manifest, with the reason it has none;
+    None when it holds neither shards nor a conversion's staging."""
+    entries = fs.ls(path, detail=False)
+    tars = sorted(p for p in entries if p.endswith(".tar"))
+    staging = any(posixpath.basename(p.rstrip("/")) == STAGING_DIR for p in entries)
+    if not tars and not staging:
+        return None
+    if staging:
+        why = (f"{url}: no {MANIFEST_NAME}, and a conversion's {STAGING_DIR} directory is there: a conversion into "
+               "it has not finished (or was killed); run the same conversion again to finish it")
+    else:
+        why = (f"{url}: no {MANIFEST_NAME}: the split is incomplete, or its manifest was not copied with its shards; "
+               f"`shards manifest {url}` checks the shards and writes one")
+    why += " (to read the shards anyway, name them one by one or pass require_manifest=False)"
+    return ShardSet(label=url, urls=tuple(full(t) for t in tars), listed_dir=url, incomplete=why)
 
 
 def _from_dir(url: str, fs: fsspec.AbstractFileSystem, path: str,
@@ -64,13 +93,11 @@ def _from_dir(url: str, fs: fsspec.AbstractFileSystem, path: str,
     if fs.exists(_join(path, MANIFEST_NAME)):
         found = [_from_manifest(full(_join(path, MANIFEST_NAME)), storage_options)]
     else:
-        subdirs = sorted((p for p in fs.ls(path, detail=False) if fs.isdir(p)), key=_split_order)
-        found = [_from_manifest(full(_join(d, MANIFEST_NAME)), storage_options)
-                 for d in subdirs if fs.exists(_join(d, MANIFEST_NAME))]
-        if not found:
-            tars = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
-            if tars:
-                found = [ShardSet(label=url, urls=tuple(full(t) for t in tars))]
+        subdirs = sorted((p for p in fs.ls(path, detail=False) if fs.isdir(p)
+                          and posixpath.basename(p.rstrip("/")) != STAGING_DIR), key=_split_order)
+        found = [_from_manifest(full(_join(d, MANIFEST_NAME)), storage_options) if fs.exists(_join(d, MANIFEST_NAME))
+                 else _unlisted(_join(url, posixpath.basename(d.rstrip("/"))), fs, d, full) for d in subdirs]
+        found = [s for s in found if s is not None] or [s for s in [_unlisted(url, fs, path, full)] if s is not None]
     if split is not None:
         found = [s for s in found if s.split in (split, None)]
     if not found:
@@ -88,6 +115,10 @@ def resolve_shards(source: str | Sequence[str], *, split: str | None = None,
     if not isinstance(source, str):
         urls = [u for item in source for u in braceexpand.braceexpand(item)]
         if all(u.endswith(".tar") for u in urls):
+            twice = sorted({u for u in urls if urls.count(u) > 1}) if len(set(urls)) < len(urls) else []
+            if twice:
+                raise ShardFormatError(f"shard(s) named more than once: {twice[:5]}; each shard is read once per "
+                                       "epoch, so name each once")
             return [ShardSet(label="shards", urls=tuple(urls))] if urls else []
         return [s for u in urls for s in resolve_shards(u, split=split, storage_options=options)]
     expanded = list(braceexpand.braceexpand(source))

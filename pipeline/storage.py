@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import mmap
 import os
+import stat
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import fsspec
 
+from pipeline.disk_cache import DEFAULT_LIMIT, cached
 from pipeline.errors import ShardFormatError
 
 log = logging.getLogger(__name__)
@@ -70,39 +69,60 @@ def _fetch(url: str, storage_options: dict[str, Any], retries: int, backoff: flo
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _cached(url: str, options: dict[str, Any], cache_dir: str, fetch: Any) -> bytes:
-    """``fetch()``'s bytes, kept in ``cache_dir`` under a name from the URL and the storage
-    options (the same URL on two endpoints is two objects)."""
-    identity = f"{url}\0{sorted(options.items(), key=str)!r}" if options else url
-    name = hashlib.sha256(identity.encode()).hexdigest()[:16] + "-" + url.rsplit("/", 1)[-1]
-    path = Path(cache_dir) / name
-    if path.exists():
-        return path.read_bytes()
-    data: bytes = fetch()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".partial-", delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
-    return data
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def local_file_size(url: str) -> int:
+    """The size of a local shard, which must be a regular file (or a link to one): a
+    directory, a device or a named pipe (opening one would block) is a ShardFormatError."""
+    try:
+        info = os.stat(_local_path(url))
+    except FileNotFoundError as e:
+        raise ShardFormatError(f"{url}: shard not found") from e
+    except OSError as e:
+        raise ShardFormatError(f"{url}: cannot be read ({e.strerror or e})") from e
+    if not stat.S_ISREG(info.st_mode):
+        raise ShardFormatError(f"{url}: expected a regular file, found a {_file_kind(info.st_mode)}")
+    return info.st_size
+
+
+def read_local(url: str) -> bytes:
+    """A local shard's bytes, memory-mapped (pages come from the page cache as a batch
+    touches them). Only a regular file (or a link to one) is read: a directory, a device
+    or a named pipe (which would block forever) is a ShardFormatError."""
+    path = _local_path(url)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    except FileNotFoundError as e:
+        raise ShardFormatError(f"{url}: shard not found") from e
+    except OSError as e:
+        raise ShardFormatError(f"{url}: cannot be opened ({e.strerror or e})") from e
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ShardFormatError(f"{url}: expected a regular file, found a {_file_kind(info.st_mode)}")
+        if info.st_size == 0:
+            return b""
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # type: ignore[return-value]
+    finally:
+        os.close(fd)
 
 
 def read_shard(url: str, *, storage_options: dict[str, Any] | None = None, retries: int = 3,
-               backoff: float = 0.5, cache_dir: str | None = None, allow_pipe: bool = False) -> bytes:
-    """All bytes of one shard. ``pipe:`` URLs (shell commands) are refused unless allowed."""
+               backoff: float = 0.5, cache_dir: str | None = None, cache_limit: int = DEFAULT_LIMIT,
+               allow_pipe: bool = False) -> bytes:
+    """All bytes of one shard. ``pipe:`` URLs (shell commands) are refused unless allowed.
+    A remote shard is kept in ``cache_dir`` (at most ``cache_limit`` bytes in all) when given."""
     if url.startswith("pipe:"):
         if not allow_pipe:
             raise ShardFormatError(f"{url}: pipe: URLs run shell commands; pass allow_pipe=True to allow them")
         return _run_pipe(url)
     if not is_remote(url):
-        try:
-            with open(_local_path(url), "rb") as f:
-                if os.fstat(f.fileno()).st_size == 0:
-                    return b""
-                # mapped, not read: pages come from the page cache as a batch touches them
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # type: ignore[return-value]
-        except FileNotFoundError as e:
-            raise ShardFormatError(f"{url}: shard not found") from e
+        return read_local(url)
     options = storage_options or {}
     if cache_dir:
-        return _cached(url, options, cache_dir, lambda: _fetch(url, options, retries, backoff))
+        return cached(url, options, cache_dir, lambda: _fetch(url, options, retries, backoff), cache_limit)
     return _fetch(url, options, retries, backoff)

@@ -9,21 +9,16 @@ the end, a header that does not parse, or a missing end-of-archive marker is a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import HeaderMismatchError, ShardFormatError
+from pipeline.errors import HeaderMismatchError, ShardFormatError, quoted
 from pipeline.header import HEADER_MEMBER, header_mismatch
 from pipeline.label_columns import LABELS_MEMBER
+from pipeline.tar_members import BLOCK, KEY_CHARS, REGULAR, Member, iter_members, member_key, read_tar_header
 
-BLOCK = 512
-_ZERO_BLOCK = bytes(BLOCK)
-_HEADER_NAME = HEADER_MEMBER.encode()
 _LABELS_NAME = LABELS_MEMBER.encode()
-_PAX = ord("x")
-_REGULAR = (ord("0"), 0)
 
 
 @dataclass(frozen=True)
@@ -56,86 +51,29 @@ class ShardIndex:
         return memoryview(self.data)[start:start + int(self.sizes[ext][i])]
 
 
-def split_key(name: str) -> tuple[str, str] | None:
-    """``(key, extension)`` of a member name by webdataset's rule: the key ends at the first
-    dot after the last slash; None when there is no such dot or the key's last part is empty."""
-    base = name.rfind("/") + 1
-    dot = name.find(".", base)
-    return None if dot <= base else (name[:dot], name[dot + 1:])
-
-
-def _octal(field: bytes, where: str) -> int:
-    if field and field[0] & 0x80:  # base-256, as GNU tar writes sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    digits = field.strip(b"\0 ")
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError as e:
-        raise ShardFormatError(f"{where}: expected an octal number in a tar header, found {field!r}") from e
-
-
-def _pax_path(data: bytes) -> bytes | None:
-    """The ``path`` record of a pax extended header, if any."""
-    for record in data.split(b"\n"):
-        _, _, keyvalue = record.partition(b" ")
-        key, _, value = keyvalue.partition(b"=")
-        if key == b"path":
-            return value
-    return None
-
-
-def _member_header(buf: bytes, pos: int, url: str, long_name: bytes | None) -> tuple[bytes, int, int]:
-    """``(name, size, typeflag)`` of the ustar header at ``pos``."""
-    if buf[pos + 257:pos + 262] != b"ustar":
-        raise ShardFormatError(f"{url}: byte {pos}: expected a tar header, found corrupt data")
-    nul = buf.find(b"\0", pos, pos + 100)
-    name = long_name or buf[pos:nul if nul >= 0 else pos + 100]
-    if buf[pos + 345] and long_name is None:
-        name = buf[pos + 345:pos + 500].split(b"\0", 1)[0] + b"/" + name
-    try:
-        size = int(buf[pos + 124:pos + 135], 8)
-    except ValueError:
-        size = _octal(buf[pos + 124:pos + 136], f"{url}: member {name!r}")
-    return name, size, buf[pos + 156]
-
-
-def iter_members(buf: bytes, url: str) -> Iterator[tuple[bytes, int, int]]:
-    """``(name, start, size)`` of every regular member, in order."""
-    end, pos = len(buf), 0
-    long_name: bytes | None = None
-    while pos + BLOCK <= end:
-        if buf[pos] == 0 and buf[pos:pos + BLOCK] == _ZERO_BLOCK:
-            return
-        name, size, typeflag = _member_header(buf, pos, url, long_name)
-        start = pos + BLOCK
-        if start + size > end:
-            raise ShardFormatError(f"{url}: member {name.decode(errors='replace')!r}: truncated: expected "
-                                   f"{size} bytes, found {end - start}")
-        pos = start + -(-size // BLOCK) * BLOCK
-        long_name = None
-        if typeflag == _PAX:
-            long_name = _pax_path(buf[start:start + size])
-        elif typeflag in _REGULAR:
-            yield name, start, size
-    raise ShardFormatError(f"{url}: missing end-of-archive marker after byte {pos}: the shard is truncated")
-
-
 class _Columns:
     """Per-extension offset and size columns, grown one sample at a time."""
 
     def __init__(self) -> None:
         self.keys: list[str] = []
+        self.seen: set[str] = set()
         self.offsets: dict[str, list[int]] = {}
         self.sizes: dict[str, list[int]] = {}
 
-    def add(self, key: str, ext: str, start: int, size: int) -> None:
+    def add(self, key: str, ext: str, start: int, size: int, where: str) -> None:
         if not self.keys or key != self.keys[-1]:
+            if key in self.seen:
+                raise ShardFormatError(f"{where}: key {key!r} again: a key's members must be consecutive and "
+                                       "each key unique in its shard")
             self.keys.append(key)
+            self.seen.add(key)
             for column in (*self.offsets.values(), *self.sizes.values()):
                 column.append(-1)
         if ext not in self.offsets:
             self.offsets[ext] = [-1] * len(self.keys)
             self.sizes[ext] = [-1] * len(self.keys)
+        if self.offsets[ext][-1] >= 0:
+            raise ShardFormatError(f"{where}: member {key}.{ext} repeated within its sample")
         self.offsets[ext][-1] = start
         self.sizes[ext][-1] = size
 
@@ -146,34 +84,53 @@ class _Columns:
         return ShardIndex(url, data, self.keys, arrays, sizes, error=error, labels_member=labels_member)
 
 
+def _check_header(member: Member, number: int, data: bytes, url: str, expected: bytes | None) -> None:
+    """The ``__header__`` member: first, and (when ``expected`` is given) the split's header."""
+    if number != 0:
+        raise ShardFormatError(f"{url}: tar header at byte {member.header_at}: {HEADER_MEMBER!r} again; expected "
+                               "it as the first member only")
+    found = data[member.start:member.start + member.size]
+    if expected is not None and found != expected:
+        raise header_mismatch(url, bytes(found), expected)
+
+
+def _sample_member(member: Member, number: int, url: str, labels_seen: bool) -> tuple[str, str]:
+    """``(key, extension)`` of a member that must be a sample's."""
+    where = f"{url}: tar header at byte {member.header_at}"
+    if number == 0:
+        raise ShardFormatError(f"{where}: expected first member {HEADER_MEMBER!r}, found {quoted(member.name)}")
+    if not member.regular:
+        raise ShardFormatError(f"{where}: member {quoted(member.name)}: expected a regular file, found tar type "
+                               f"{chr(member.typeflag)!r}")
+    if labels_seen:
+        raise ShardFormatError(f"{where}: member {quoted(member.name)} after {LABELS_MEMBER!r}, which must be last")
+    return member_key(member.name, where)
+
+
 def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
                 tolerant: bool = False) -> ShardIndex:
-    """Index a whole shard. The ``__header__`` member is checked against ``expected_header``
-    (when given) and is not a sample. Members group into samples by key (webdataset's rule:
-    the key ends at the first dot after the last slash). With ``tolerant``, a broken tar
-    ends the index early with ``error`` set instead of raising; a header mismatch always
-    raises. Shards whose samples all have the same layout (fixed-size images, as raw
-    pixels give) are indexed with vectorized checks instead of a walk over every header."""
-    columns, walk = _Columns(), iter_members(data, url)
-    labels_member = None
+    """Index a whole shard. The first member must be ``__header__`` (equal to
+    ``expected_header`` when given); it is not a sample, nor is a trailing ``__labels__``.
+    Every other member is ``<key>.<extension>`` (:func:`member_key`), a key's members
+    consecutive, each key once. With ``tolerant``, a broken shard ends the index early with
+    ``error`` set instead of raising; a header mismatch always raises. Shards whose samples
+    all have the same layout (fixed-size images, as raw pixels give) are indexed with
+    vectorized checks instead of a walk over every header."""
+    columns, labels_member = _Columns(), None
     try:
-        for index, (name, start, size) in enumerate(walk):
-            if name == _LABELS_NAME:
-                labels_member = (start, size)
+        for number, member in enumerate(iter_members(data, url)):
+            if member.name == HEADER_MEMBER:
+                _check_header(member, number, data, url, expected_header)
                 continue
-            if name == _HEADER_NAME:
-                if index == 0 and expected_header is not None and data[start:start + size] != expected_header:
-                    raise header_mismatch(url, data[start:start + size], expected_header)
+            if member.name == LABELS_MEMBER and member.regular and labels_member is None:
+                labels_member = (member.start, member.size)
                 continue
-            parts = split_key(name.decode(errors="replace"))
-            if parts is None:
-                raise ShardFormatError(f"{url}: member {name.decode(errors='replace')!r}: expected "
-                                       "<key>.<extension>")
-            if len(columns.keys) == 1 and parts[0] != columns.keys[0]:
-                uniform = uniform_index(data, url, columns, start - BLOCK)
+            key, ext = _sample_member(member, number, url, labels_member is not None)
+            if len(columns.keys) == 1 and key != columns.keys[0]:
+                uniform = uniform_index(data, url, columns, member.header_at)
                 if uniform is not None:
                     return uniform
-            columns.add(*parts, start, size)
+            columns.add(key, ext, member.start, member.size, f"{url}: tar header at byte {member.header_at}")
     except HeaderMismatchError:
         raise
     except ShardFormatError as e:
@@ -183,47 +140,98 @@ def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
     return columns.index(url, data, labels_member=labels_member)
 
 
+_USTAR = np.frombuffer(b"ustar", np.uint8)
+_DIGITS = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_CHECKSUM_DIGITS = 8 ** np.arange(5, -1, -1, dtype=np.int64)
+_KEY_CHARS = np.zeros(256, dtype=bool)
+_KEY_CHARS[list(KEY_CHARS)] = True
+
+
+_CHUNK = 1024  # header rows checked at a time: temporaries stay in cache
+
+
+def _varying_mask(key_length: int) -> np.ndarray:
+    """A header row as 64 uint64 words of bit masks: set on every byte that must equal the
+    first row's (all but the key, the 11 size digits and the 6 checksum digits)."""
+    mask = np.full(BLOCK, 0xFF, dtype=np.uint8)
+    mask[np.r_[0:key_length, _VARYING]] = 0
+    return mask.view(np.uint64)
+
+
+_VARYING = np.r_[124:135, 148:154]  # size digits, checksum digits
+
+
+def _rows_sound(rows: np.ndarray, key_length: int) -> np.ndarray:
+    """Which member header rows equal the first row in every byte but the key, the size
+    digits and the checksum digits (so they carry the same name suffix, type, magic and
+    empty prefix), with a key of allowed characters, octal digits and a checksum that adds
+    up: exactly the headers the walk would read the same way. Rows are checked a chunk at
+    a time, each chunk copied once so that every check runs in cache."""
+    mask, first = _varying_mask(key_length), np.ascontiguousarray(rows[0])
+    fixed = first.view(np.uint64) & mask
+    columns = np.r_[0:key_length, _VARYING]
+    reference = int(first[columns[:-6]].sum(dtype=np.int64))  # key and size digits: what differs
+    reference -= int((first[148:154].astype(np.int64) - ord("0")) @ _CHECKSUM_DIGITS)
+    same = np.empty(len(rows), dtype=bool)
+    for start in range(0, len(rows), _CHUNK):
+        chunk = np.ascontiguousarray(rows[start:start + _CHUNK])
+        ok = ((chunk.view(np.uint64) & mask) == fixed).all(axis=1)
+        varying = chunk[:, columns]
+        ok &= _KEY_CHARS[varying[:, :key_length]].all(axis=1)
+        digits = varying[:, key_length:] - np.uint8(ord("0"))  # wraps below '0': then >= 8
+        ok &= (digits < 8).all(axis=1)
+        checksum = digits[:, -6:].astype(np.int64) @ _CHECKSUM_DIGITS  # the first row's was checked by the walk
+        same[start:start + _CHUNK] = ok & (varying[:, :-6].sum(axis=1, dtype=np.int64) - checksum == reference)
+    return same
+
+
 def uniform_index(data: bytes, url: str, first: _Columns, second_start: int) -> ShardIndex | None:
     """The index of a shard whose samples all repeat the first sample's layout (same member
-    names after the key, same padded sizes), checked for every sample with array operations;
-    None when any sample differs (the caller then walks every header)."""
+    names after the key, same header fields, same padded sizes), checked for every sample
+    with array operations; None when any sample differs (the caller then walks every
+    header, which names what is wrong)."""
     first_header = min(int(o[0]) for o in first.offsets.values()) - BLOCK
     stride = second_start - first_header
     count = (len(data) - first_header) // stride
     table = np.frombuffer(data, np.uint8, count * stride, first_header).reshape(count, stride)
-    key = first.keys[0].encode()
+    key_length = len(first.keys[0])
     valid = np.ones(count, dtype=bool)
     offsets, sizes = {}, {}
     for ext, column in first.offsets.items():
         at = int(column[0]) - BLOCK - first_header
-        name = np.frombuffer((key + b"." + ext.encode()).ljust(100, b"\0"), np.uint8)
-        valid &= (table[:, at + len(key):at + 100] == name[len(key):]).all(axis=1)
-        valid &= (table[:, at + 257:at + 262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1)
-        valid &= (table[:, at:at + len(key)] == table[:, :len(key)]).all(axis=1)  # one key per sample
-        digits = table[:, at + 124:at + 135].astype(np.int64) - ord("0")
-        valid &= ((digits >= 0) & (digits < 8)).all(axis=1)
-        size = digits @ (8 ** np.arange(10, -1, -1, dtype=np.int64))
+        rows = table[:, at:at + BLOCK]
+        valid &= _rows_sound(rows, key_length)
+        valid &= (rows[:, :key_length] == table[:, :key_length]).all(axis=1)  # one key per sample
+        size = (rows[:, 124:135].astype(np.int64) - ord("0")) @ _DIGITS
         valid &= -(-size // BLOCK) == -(-int(first.sizes[ext][0]) // BLOCK)
         offsets[ext], sizes[ext] = first_header + BLOCK + at + np.arange(count, dtype=np.int64) * stride, size
     count = int(np.argmin(valid)) if not valid.all() else count
     tail = first_header + count * stride
-    labels_member = None
-    if count >= 2 and len(data) - tail > 2 * BLOCK and data[tail:tail + len(_LABELS_NAME) + 1] == _LABELS_NAME + b"\0":
-        _, labels_size, _ = _member_header(data, tail, url, None)
-        labels_member = (tail + BLOCK, labels_size)
-        tail += BLOCK + -(-labels_size // BLOCK) * BLOCK
-    if count < 2 or len(data) - tail < 2 * BLOCK or data[tail:].strip(b"\0"):
+    labels_member = _trailing_labels(data, url, tail) if count >= 2 else None
+    if labels_member is not None:
+        tail = labels_member[0] + -(-labels_member[1] // BLOCK) * BLOCK
+    if count < 2 or len(data) - tail < 2 * BLOCK or data[tail:tail + 2 * BLOCK].strip(b"\0"):
         return None
-    keys = _split_keys(table[:count, :len(key)])
+    keys = _split_keys(table[:count, :key_length])
+    if len(set(keys)) != count:
+        return None  # a key twice: the walk says which
     return ShardIndex(url, data, keys, {e: o[:count] for e, o in offsets.items()},
                       {e: v[:count] for e, v in sizes.items()}, stride=stride, labels_member=labels_member)
 
 
+def _trailing_labels(data: bytes, url: str, at: int) -> tuple[int, int] | None:
+    """``(start, size)`` of a ``__labels__`` member whose header is at ``at``, if there is one."""
+    if len(data) - at <= 2 * BLOCK or data[at:at + len(_LABELS_NAME) + 1] != _LABELS_NAME + b"\0":
+        return None
+    name, size, typeflag = read_tar_header(data, at, url)
+    if name != _LABELS_NAME or typeflag not in REGULAR or size > len(data) - at - BLOCK:
+        return None
+    return at + BLOCK, size
+
+
 def _split_keys(rows: np.ndarray) -> list[str]:
-    """Equal-length keys from a (count, length) byte table."""
-    text = rows.tobytes().decode()
-    width = rows.shape[1]
-    return [text[i:i + width] for i in range(0, len(text), width)]
+    """Keys from a (count, length) byte table of allowed key characters (ASCII, no NUL)."""
+    return [key.decode() for key in np.ascontiguousarray(rows).view(f"S{rows.shape[1]}").ravel().tolist()]
 
 
 def count_samples(buf: bytes, url: str) -> int:

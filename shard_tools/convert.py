@@ -18,9 +18,10 @@ import numpy as np
 from pipeline.errors import ConversionError
 from pipeline.label_columns import Columns, label_columns
 from pipeline.labels import LabelEncoder
+from pipeline.lifetime import DieWithParent
 from pipeline.manifest import Manifest
 from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
-from pipeline.tario import iter_members, split_key
+from pipeline.tario import index_shard
 from shard_tools.converters import SampleBlock, get_format
 from shard_tools.progress_bar import ProgressBar
 from shard_tools.remote_out import convert_remote, is_remote_output
@@ -128,7 +129,7 @@ def _parallel_blocks(source: Source, schema: DatasetSchema, order: Sequence[int]
     chunks per worker waiting, so memory stays bounded whatever the split's size."""
     size = max(256, min(8192, -(-len(order) // (4 * workers))))
     chunks = iter([order[i:i + size] for i in range(0, len(order), size)])
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=DieWithParent()) as pool:
         pending = deque(pool.apply_async(_prepare_chunk, (source, schema, c))
                         for c in itertools.islice(chunks, 2 * workers))
         while pending:
@@ -167,8 +168,7 @@ def resume_position(writer: ShardWriter, order: Sequence[int]) -> int:
     if not writer.shards:
         return 0
     path = writer.staging_dir / writer.shards[-1].name
-    keys = [split_key(name.decode()) for name, _, _ in iter_members(path.read_bytes(), str(path))]
-    last = next(int(found[0]) for found in reversed(keys) if found is not None and not found[0].startswith("__"))
+    last = int(index_shard(path.read_bytes(), str(path)).keys[-1])
     return order.index(last) + 1
 
 

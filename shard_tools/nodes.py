@@ -41,6 +41,7 @@ def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, 
     schema, order = split_plan(source, shuffle=shuffle, seed=seed)
     split_dir = out / source.split
     split_dir.mkdir(parents=True, exist_ok=True)
+    (split_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an earlier output's: it must not list new shards
     progress = split_dir / NODE_PROGRESS.format(rank=node_rank, nodes=num_nodes)
     key = resume_key(schema, order, staging_source(source), (max_samples, num_nodes))
     done = {s.name: s for s in read_progress(progress, key) if is_sound(split_dir / s.name, s)}

@@ -26,6 +26,7 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 from pipeline.errors import ConversionError
+from pipeline.lifetime import DieWithParent
 from pipeline.manifest import Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools import staging
@@ -77,9 +78,10 @@ class SliceJob:
 _report: Callable[[int], None] | None = None  # a pool worker's progress counter (set by its initializer)
 
 
-def _report_to(counter: Synchronized[int]) -> None:
-    """Pool initializer: report progress into a counter the parent reads."""
+def _report_to(counter: Synchronized[int], parent: DieWithParent) -> None:
+    """Pool initializer: die with the parent; report progress into a counter it reads."""
     global _report
+    parent()
 
     def add(samples: int) -> None:
         with counter.get_lock():
@@ -132,7 +134,8 @@ def run_jobs(jobs: Sequence[SliceJob], workers: int,
         return
     context = multiprocessing.get_context("fork")
     counter, shown = context.Value("q", 0), 0
-    with context.Pool(min(workers, len(jobs)), initializer=_report_to, initargs=(counter,)) as pool:
+    with context.Pool(min(workers, len(jobs)), initializer=_report_to,
+                      initargs=(counter, DieWithParent())) as pool:
         results = pool.imap_unordered(functools.partial(write_slices, write_behind=False), jobs)
         while True:
             try:

@@ -18,6 +18,7 @@ is not uploaded again. The work directory is removed once every split is publish
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -140,6 +141,8 @@ def upload_split(local: Path, url: str, manifest: Manifest, storage_options: dic
             fs.pipe_file(posixpath.join(staging, PROGRESS), json.dumps({"key": key, "shards": done}).encode())
         if skipped:
             log.info("%s: %d shard(s) already uploaded by an interrupted run; kept", url, skipped)
+        with contextlib.suppress(FileNotFoundError):  # first: an earlier output's manifest must not list new shards
+            fs.rm_file(posixpath.join(root, MANIFEST_NAME))
         for shard in manifest.shards:
             fs.copy(posixpath.join(staging, shard.name), posixpath.join(root, shard.name))
         fs.pipe_file(posixpath.join(root, MANIFEST_NAME), local_manifest)

@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any
+from typing import Any
 
-import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, ShardFormatError
-from pipeline.header import HEADER_MEMBER, parse_header
+from pipeline.errors import PipelineError, ShardFormatError, quoted
+from pipeline.header import HEADER_MEMBER, parse_header_json
 from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
 from pipeline.labels import decode_labels, label_problems
 from pipeline.manifest import ShardInfo
 from pipeline.schema import DatasetSchema
 from pipeline.sources import ShardSet, resolve_shards
-from pipeline.tario import split_key
+from pipeline.storage import read_shard
+from pipeline.tar_members import BLOCK, Member, iter_members, member_key
 
 LABELS_EXT = "labels.msgpack"
 
@@ -60,27 +59,6 @@ class ValidationReport:
                 "splits": self.splits, "problems": [asdict(p) for p in self.problems]}
 
 
-class _HashingReader(io.RawIOBase):
-    """Read-through wrapper recording sha256, size and the last 1 KiB of a stream."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw, self.sha, self.size, self.tail = raw, hashlib.sha256(), 0, b""
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int | None = -1) -> bytes:
-        data = self._raw.read(-1 if n is None else n)
-        self.sha.update(data)
-        self.size += len(data)
-        self.tail = (self.tail + data)[-1024:]
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
 @dataclass
 class _SplitState:
     schema: DatasetSchema | None
@@ -103,36 +81,37 @@ class _ShardChecker:
     def problem(self, member: str | None, reason: str) -> None:
         self.problems.append(Problem(self.url, member, reason))
 
-    def member(self, info: tarfile.TarInfo, data: bytes | None) -> None:
+    def member(self, member: Member, shard: bytes) -> None:
         first, self.count = self.count == 0, self.count + 1
-        if info.name == HEADER_MEMBER:
-            return self._header(data or b"", first)
+        name, data = member.name, bytes(shard[member.start:member.start + member.size])
+        if not member.regular:
+            return self.problem(name, f"expected a regular file member, found tar type {chr(member.typeflag)!r}")
+        if name == HEADER_MEMBER:
+            return self._header(data, first)
         if first:
-            self.problem(info.name, f"expected first member {HEADER_MEMBER!r}, found {info.name!r}")
-        if data is None:
-            return self.problem(info.name, "expected a regular file member, found another type")
-        if info.name == LABELS_MEMBER:
+            self.problem(name, f"expected first member {HEADER_MEMBER!r}, found {quoted(name)}")
+        if name == LABELS_MEMBER:
             self.finish_sample()
             self.columns = data
             return None
         if self.columns is not None:
-            self.problem(info.name, f"sample member after {LABELS_MEMBER!r}, which must come last")
-        parts = split_key(info.name)
-        if parts is None:
-            return self.problem(info.name, "expected a member named <key>.<extension>")
-        key, ext = parts
+            self.problem(name, f"sample member after {LABELS_MEMBER!r}, which must come last")
+        try:
+            key, ext = member_key(name, f"tar header at byte {member.header_at}")
+        except ShardFormatError as e:
+            return self.problem(quoted(name), str(e))
         if key != self.key:
             self.finish_sample()
             self.key = key
         if ext in self.members:
-            self.problem(info.name, "member repeated within its sample")
+            self.problem(name, "member repeated within its sample")
         self.members[ext] = data
 
     def _header(self, data: bytes, first: bool) -> None:
         if not first:
             return self.problem(HEADER_MEMBER, "expected the header as the first member only")
         try:
-            schema = parse_header(data, self.url)
+            schema = parse_header_json(data, self.url)
         except ShardFormatError as e:
             return self.problem(HEADER_MEMBER, str(e))
         ref = self.split.schema
@@ -222,34 +201,40 @@ def _diff(a: DatasetSchema, b: DatasetSchema) -> str:
 
 def _check_shard(url: str, split: _SplitState, decode: bool, problems: list[Problem],
                  storage_options: dict[str, Any]) -> tuple[int, int, str] | None:
-    """Stream one shard; returns (samples, bytes, sha256), or None if it cannot be opened."""
-    checker = _ShardChecker(url, split, decode, problems)
-    last = None
+    """Read one shard, walk it as the loader does, check every member; returns (samples,
+    bytes, sha256), or None if it cannot be read."""
     try:
-        with fsspec.open(url, "rb", **storage_options) as raw:
-            reader = _HashingReader(raw)
-            try:
-                with tarfile.open(fileobj=reader, mode="r|") as tar:
-                    for info in tar:
-                        last = info.name
-                        f = tar.extractfile(info) if info.isfile() else None
-                        checker.member(info, f.read() if f is not None else None)
-            except (tarfile.TarError, EOFError) as e:
-                where = f"after member {last!r}" if last else "at the start"
-                checker.problem(last, f"tar structure broken {where} ({e}); the shard is truncated "
-                                      "or corrupt")
-            checker.finish_sample()
-            checker.check_columns()
-            reader.drain()
-    except FileNotFoundError:
-        problems.append(Problem(url, None, "shard not found"))
+        data = read_shard(url, storage_options=storage_options)
+    except ShardFormatError as e:
+        problems.append(Problem(url, None, str(e).removeprefix(f"{url}: ")))
         return None
+    checker = _ShardChecker(url, split, decode, problems)
+    last, end = None, 0
+    try:
+        for member in iter_members(data, url):
+            checker.member(member, data)
+            last, end = member.name, member.start + -(-member.size // BLOCK) * BLOCK
+    except ShardFormatError as e:
+        where = f"after member {quoted(last)}" if last else "at the start"
+        checker.problem(last, f"tar structure broken {where} ({str(e).removeprefix(url + ': ')}); the shard is "
+                              "truncated or corrupt")
+    else:
+        _check_end(checker, data, end)
+    checker.finish_sample()
+    checker.check_columns()
     if checker.count == 0:
         checker.problem(None, f"expected a tar with a {HEADER_MEMBER!r} member, found no members")
-    elif len(reader.tail) < 1024 or any(reader.tail) or reader.size % 512:
-        checker.problem(None, f"missing end-of-archive marker: the tar is truncated ({reader.size} bytes)")
     split.samples += checker.samples
-    return checker.samples, reader.size, reader.sha.hexdigest()
+    return checker.samples, len(data), hashlib.sha256(data).hexdigest()
+
+
+def _check_end(checker: _ShardChecker, data: bytes, end: int) -> None:
+    """After the last member: the end-of-archive marker (two zero blocks), and only zeros."""
+    tail = data[end:]
+    if len(tail) < 2 * BLOCK or bytes(tail[:2 * BLOCK]).strip(b"\0"):
+        checker.problem(None, f"missing end-of-archive marker: the tar is truncated ({len(data)} bytes)")
+    elif bytes(tail).strip(b"\0"):
+        checker.problem(None, "non-zero bytes after the end-of-archive marker")
 
 
 def _compare(info: ShardInfo, url: str, found: tuple[int, int, str], problems: list[Problem]) -> None:
@@ -273,11 +258,7 @@ def validate(source: str | Sequence[str], *, decode: bool = False, progress: boo
     """Validate every shard named by ``source`` and return all problems found."""
     options = storage_options or {}
     report = ValidationReport()
-    try:
-        shard_sets = resolve_shards(source, storage_options=options)
-    except PipelineError as e:
-        report.problems.append(Problem(str(source), None, str(e)))
-        return report
+    shard_sets = _resolve_each(source, options, report)
     total = sum(len(s.urls) for s in shard_sets)
     with tqdm(total=total, desc="validate", unit="shard", disable=None if progress is None else not progress) as bar:
         for shards in shard_sets:
@@ -285,10 +266,25 @@ def validate(source: str | Sequence[str], *, decode: bool = False, progress: boo
     return report
 
 
+def _resolve_each(source: str | Sequence[str], options: dict[str, Any], report: ValidationReport) -> list[ShardSet]:
+    """The shard sets ``source`` names; a name that cannot be resolved is a problem of its
+    own (the others are still validated)."""
+    try:
+        return resolve_shards(source, storage_options=options)
+    except PipelineError as e:
+        if isinstance(source, str) or len(source) == 1:
+            name = source if isinstance(source, str) else source[0]
+            report.problems.append(Problem(name, None, str(e).removeprefix(f"{name}: ")))
+            return []
+    return [s for item in source for s in _resolve_each(item, options, report)]
+
+
 def _validate_set(shards: ShardSet, decode: bool, options: dict[str, Any],
                   report: ValidationReport, bar: tqdm) -> None:
     state = _SplitState(schema=shards.manifest.schema if shards.manifest else None)
     infos = shards.manifest.shards if shards.manifest else (None,) * len(shards.urls)
+    if shards.incomplete is not None:
+        report.problems.append(Problem(shards.label, None, shards.incomplete.removeprefix(f"{shards.label}: ")))
     report.problems.extend(_unlisted(shards, options))
     for url, info in zip(shards.urls, infos, strict=True):
         found = _check_shard(url, state, decode, report.problems, options)

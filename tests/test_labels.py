@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ShardFormatError
@@ -18,7 +18,7 @@ from pipeline.labels import (
     label_problems,
     label_record,
 )
-from pipeline.schema import DatasetSchema, Head, ImageSpec
+from pipeline.schema import MAX_CLASSES, DatasetSchema, Head, ImageSpec, quantized_num_classes
 
 SCHEMA = DatasetSchema(name="d", split="train", image=ImageSpec(4, 4, 1), heads=(
     Head.quantized("pitch", 40, 88, 4), Head.quantized("fine", -1, 1),
@@ -76,7 +76,9 @@ def heads(draw: st.DrawFn, index: int) -> Head:
         return Head(name=name, kind="class", num_classes=draw(st.sampled_from([1, 5, 200, 70_000])))
     low = draw(st.floats(-1e6, 1e6))
     high = low + draw(st.floats(1e-3, 1e6))
-    return Head.quantized(name, low, high, draw(st.one_of(st.none(), st.floats(1e-2, 1e5))))
+    step = draw(st.one_of(st.none(), st.floats(1e-2, 1e5)))
+    assume(quantized_num_classes(low, high, step) <= MAX_CLASSES)  # a head's class count is bounded
+    return Head.quantized(name, low, high, step)
 
 
 @st.composite

@@ -45,12 +45,12 @@ def count(loader) -> int:
 def test_truncated_shard(shards: Path, caplog) -> None:
     shard = shards / "train" / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[:7000])
-    with pytest.raises(ShardFormatError, match=r"train-000001.tar: member '\d+\.raw': truncated: expected 64 "
-                                               r"bytes|train-000001.tar: .*truncated"):
+    with pytest.raises(ShardFormatError, match=r"differ in size from the manifest \(.*train-000001.tar: 40960 "
+                                               r"bytes listed, 7000 found"):
         count(make_loader(str(shards), batch_size=8, num_workers=0, with_keys=True))
     with caplog.at_level(logging.WARNING):
         n = count(make_loader(str(shards), batch_size=8, num_workers=0, on_error="skip", with_keys=True))
-    assert n == 48
+    assert n == 48 - 16 + 7000 // 1024  # the shard is planned by what its 7000 bytes can hold, not by its listing
     assert "train-000001.tar" in caplog.text and "repeating others to keep the epoch exact" in caplog.text
 
 

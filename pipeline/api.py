@@ -39,9 +39,11 @@ def find_split(source: str | Sequence[str], split: str | None, storage_options: 
     """The shard set of ``split`` named by ``source``; a split directory without a manifest
     is refused unless ``require_manifest`` is False (see :meth:`ShardSet.require_manifest`)."""
     shards = pick_split(resolve_shards(source, split=split, storage_options=storage_options), split, source)
+    if require_manifest:
+        shards.require_manifest()
     if not shards.urls:
         raise ShardFormatError(f"{source}: split {split!r} has no shards")
-    return shards.require_manifest() if require_manifest else shards
+    return shards
 
 
 def read_schema(source: str | Sequence[str], *, split: str | None = "train",

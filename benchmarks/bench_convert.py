@@ -26,8 +26,9 @@ import msgpack
 import numpy as np
 
 from benchmarks.common import DEFAULT_OUT, bar_chart, machine_info, timed, timed_cpu, write_results
-from shard_tools.convert import convert, sample_order
-from shard_tools.synthetic import generate_vimh
+from shard_tools.conversion.plan import sample_order
+from shard_tools.convert import convert
+from shard_tools.formats.vimh.synthetic import generate_vimh
 
 PACKAGES = ("multihead-shards", "webdataset", "litdata", "mosaicml-streaming", "numpy", "msgpack",
             "torch", "matplotlib")

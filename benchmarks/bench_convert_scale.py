@@ -28,10 +28,11 @@ import numpy as np
 
 from benchmarks.bench_convert import disk_bytes, verify
 from benchmarks.common import DEFAULT_OUT, bar_chart, machine_info, timed, timed_cpu, write_results
-from shard_tools.convert import convert, sample_order
-from shard_tools.converters.class_lists import load_class_list
-from shard_tools.synthetic_cifar import generate_cifar100
-from shard_tools.synthetic_imagenet import generate_imagenet100
+from shard_tools.conversion.plan import sample_order
+from shard_tools.convert import convert
+from shard_tools.formats.cifar100mh.synthetic import generate_cifar100
+from shard_tools.formats.imagenet100.class_lists import load_class_list
+from shard_tools.formats.imagenet100.synthetic import generate_imagenet100
 
 PACKAGES = ("multihead-shards", "litdata", "mosaicml-streaming", "numpy", "Pillow", "matplotlib")
 TOOLS = ("ours", "litdata", "mosaicml_streaming")

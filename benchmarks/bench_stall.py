@@ -24,7 +24,7 @@ import webdataset as wds
 from benchmarks.common import machine_info, write_results
 from pipeline import make_loader
 from shard_tools.convert import convert
-from shard_tools.synthetic import generate_vimh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 from training.backbones import SimpleCNN
 from training.callbacks import DataStall
 from training.module import MultiheadModule

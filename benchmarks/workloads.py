@@ -27,8 +27,9 @@ import numpy as np
 from pipeline.labels import encode_labels
 from pipeline.manifest import read_manifest
 from pipeline.schema import DatasetSchema, Head, ImageSpec
-from shard_tools.convert import convert, sample_order
-from shard_tools.synthetic import generate_vimh
+from shard_tools.conversion.plan import sample_order
+from shard_tools.convert import convert
+from shard_tools.formats.vimh.synthetic import generate_vimh
 from shard_tools.writer import ShardWriter
 
 JPEG_SIZE = 256

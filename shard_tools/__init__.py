@@ -1,3 +1,5 @@
 """Converters, the shard writer, the validator and inspection tools (imports ``pipeline``)."""
 
-__version__ = "0.2.0"
+from shard_tools.version import CONVERTER_VERSION
+
+__version__ = CONVERTER_VERSION

@@ -7,9 +7,13 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConversionError, PipelineError
+from shard_tools.formats import FORMATS, generators
+from shard_tools.formats.base import CliOption
 
 log = logging.getLogger("shards")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
@@ -23,21 +27,19 @@ def parse_bytes(text: str) -> int:
     return int(float(match[1]) * 1024 ** " KMG".index(match[2].upper() or " "))
 
 
-def parse_dims(text: str) -> tuple[int, int, int]:
-    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected HxWxC such as 32x32x3, found {text!r}")
-    return int(match[1]), int(match[2]), int(match[3])
+def _given(args: argparse.Namespace, options: Sequence[CliOption]) -> dict[str, Any]:
+    """Which of ``options`` the command line gives, by keyword."""
+    return {o.dest: getattr(args, o.dest) for o in options if getattr(args, o.dest, None) is not None}
 
 
 def _convert(args: argparse.Namespace) -> int:
     from shard_tools.convert import convert
 
-    given = {"class_list": args.class_list, "resize": args.resize, "quality": args.quality, "on_bad": args.on_bad}
+    options = _given(args, [o for entry in FORMATS.values() for o in entry.options])  # the format checks them
     manifests = convert(args.format, args.src, args.out, splits=args.split or None,
                         shuffle=not args.no_shuffle, seed=args.seed,
                         max_samples=args.max_samples or None, max_bytes=args.max_bytes or None,
-                        options={k: v for k, v in given.items() if v is not None}, workers=args.workers,
+                        options=options, workers=args.workers,
                         num_nodes=args.num_nodes, node_rank=args.node_rank, work_dir=args.work_dir)
     for split, m in manifests.items():
         print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {args.out.rstrip('/')}/{split}")
@@ -47,7 +49,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from shard_tools.nodes import merge_manifests
+    from shard_tools.conversion.nodes import merge_manifests
 
     for split, m in merge_manifests(args.out).items():
         print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards, manifest written")
@@ -91,32 +93,25 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from shard_tools.synthetic import generate_vimh
-    from shard_tools.synthetic_cifar import generate_cifar100, generate_cifar100mh
-    from shard_tools.synthetic_imagenet import generate_imagenet100
-
-    if args.bad_files and args.format != "imagenet100":
-        raise ConversionError(f"--bad-files: for --format imagenet100 only, found --format {args.format}")
-    if args.format == "imagenet100":
-        out = generate_imagenet100(args.out, n_train=3 if args.train is None else args.train,
-                                   n_val=1 if args.test is None else args.test, bad_files=args.bad_files,
-                                   seed=args.seed)
-        print(f"synthetic ImageNet-100 source (CMC classes) -> {out}")
-        return 0
-    args.train = 2048 if args.train is None else args.train
-    args.test = 512 if args.test is None else args.test
-    if args.format == "cifar100mh":
-        out = generate_cifar100mh(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
-        print(f"synthetic CIFAR-100-MH source -> {out}")
-    elif args.format == "cifar100":
-        out = generate_cifar100(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
-        print(f"synthetic CIFAR-100 (python release layout) source -> {out}")
-    else:
-        h, w, c = args.size
-        out = generate_vimh(args.out, n_train=args.train, n_test=args.test, height=h, width=w,
-                            channels=c, n_heads=args.heads, variant=args.variant, seed=args.seed)
-        print(f"synthetic VIMH source -> {out}")
+    generator = generators()[args.format]
+    for name, other in generators().items():
+        for option in other.options:
+            if name != args.format and option not in generator.options and getattr(args, option.dest) is not None:
+                raise ConversionError(f"{option.flag}: for --format {name} only, found --format {args.format}")
+    options = _given(args, generator.options)
+    train, test = generator.defaults
+    out = generator.run(args.out, n_train=train if args.train is None else args.train,
+                        n_test=test if args.test is None else args.test, seed=args.seed, **options)
+    print(f"{generator.done_message} -> {out}")
     return 0
+
+
+def _add_options(parser: argparse.ArgumentParser, owned: Mapping[str, Sequence[CliOption]]) -> None:
+    for name, options in owned.items():
+        for option in options:
+            kwargs = option.argparse_kwargs()
+            kwargs["help"] = f"{name} only: {kwargs['help']}"
+            parser.add_argument(option.flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a source dataset into shards")
-    p.add_argument("format", help="source format: vimh, cifar100mh (CIFAR-100-MH or the CIFAR-100 "
-                                  "python release, detected) or imagenet100")
+    p.add_argument("format",
+                   help="source format: " + "; ".join(entry.help for entry in FORMATS.values()))
     p.add_argument("src", help="source dataset directory")
     p.add_argument("out", help="output directory (one subdirectory per split)")
     p.add_argument("--split", action="append", help="convert only this split (repeatable)")
@@ -143,14 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="OUT is a URL: build the shards in a subdirectory of this before "
                                       "uploading (default: ~/.cache/multihead-shards/convert; kept after a "
                                       "failure so a re-run resumes)")
-    p.add_argument("--class-list", metavar="cmc|hjepa|FILE",
-                   help="imagenet100 only: the class list (default cmc; FILE: one wnid per line, optional name)")
-    p.add_argument("--resize", type=int, metavar="N", help="imagenet100 only: re-encode with shorter side N")
-    p.add_argument("--quality", type=int, metavar="Q", help="imagenet100 only: JPEG quality of re-encoded "
-                                                            "images (default 90)")
-    p.add_argument("--on-bad", choices=["convert", "skip", "error"],
-                   help="imagenet100 only: non-RGB or non-JPEG files (default convert; unreadable ones are "
-                        "skipped unless error)")
+    _add_options(p, {name: entry.options for name, entry in FORMATS.items()})
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("manifest", help="merge the node manifests of a multi-node conversion")
@@ -173,18 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write a synthetic source (learnable labels)")
     p.add_argument("out", help="directory to create, e.g. data/vimh-32x32x3_demo")
-    p.add_argument("--format", default="vimh", choices=["vimh", "cifar100mh", "cifar100", "imagenet100"],
-                   help="vimh; cifar100mh (CIFAR-100-MH layout); cifar100 (CIFAR-100 python release layout); "
-                        "imagenet100 (train/ and val/ JPEG folders, CMC classes)")
-    p.add_argument("--train", type=int, help="train samples (default 2048; imagenet100: per class, 3)")
-    p.add_argument("--test", type=int, help="test samples (default 512; imagenet100: val per class, 1)")
-    p.add_argument("--bad-files", action="store_true",
-                   help="imagenet100 only: add a grayscale, a CMYK and a PNG-in-disguise train file")
-    p.add_argument("--size", type=parse_dims, default=(32, 32, 3), help="HxWxC (vimh only; CIFAR is 32x32x3)")
-    p.add_argument("--heads", type=int, default=2, help="vimh only")
-    p.add_argument("--variant", default="pickle", choices=["pickle", "binary", "binary-v1", "both"],
-                   help="vimh only")
+    p.add_argument("--format", default="vimh", choices=sorted(generators()),
+                   help="; ".join(f"{name}: {g.help}" for name, g in generators().items()))
+    p.add_argument("--train", type=int, help="train samples (default: the format's, e.g. 2048)")
+    p.add_argument("--test", type=int, help="test samples (default: the format's, e.g. 512)")
     p.add_argument("--seed", type=int, default=0)
+    _add_options(p, {name: g.options for name, g in generators().items()})
     p.set_defaults(run=_generate)
     return parser
 

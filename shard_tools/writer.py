@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import numpy as np
 
@@ -27,9 +28,8 @@ from pipeline.header import HEADER_MEMBER, header_bytes
 from pipeline.label_columns import LABELS_MEMBER, Columns, encode_label_columns
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
-from shard_tools import staging
-from shard_tools.hashing_file import HashingFile, WriteBehind
-from shard_tools.tar_format import (
+from pipeline.sources import STAGING_DIR
+from pipeline.tar_write import (
     BLOCK,
     RECORD,
     Member,
@@ -40,12 +40,32 @@ from shard_tools.tar_format import (
     tar_member,
     tar_pieces,
 )
+from shard_tools import staging
+from shard_tools.hashing_file import HashingFile, WriteBehind
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-STAGING_DIR = ".staging"
+
+
+class Staged(Protocol):
+    """A split whose shards wait in staging: ``publish()`` moves them into place, manifest
+    last; ``abort()`` drops them. The writer is one; a split written by several processes
+    (:class:`~shard_tools.conversion.slices.StagedSplit`) another."""
+
+    schema: DatasetSchema
+
+    def publish(self) -> Manifest: ...
+
+    def abort(self) -> None: ...
+
+
+def report_skipped(split_dir: Path, planned: int, written: int) -> None:
+    """One summary line when a format skipped samples as bad input (each one was warned about)."""
+    if written < planned:
+        log.warning("%s: %d of %d samples skipped as bad input (see the warnings above); %d written",
+                    split_dir, planned - written, planned, written)
 
 
 def shard_name(split: str, index: int) -> str:

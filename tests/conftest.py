@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shard_tools.convert import convert
-from shard_tools.synthetic import generate_vimh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 
 
 def read_vimh_source(src: Path, split: str) -> dict[int, tuple[bytes, dict[int, int]]]:

@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.labels import encode_labels
 from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
 from shard_tools.convert import convert
-from shard_tools.synthetic import generate_vimh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 from shard_tools.writer import ShardWriter
 
 

@@ -20,8 +20,14 @@ from pipeline.errors import ConversionError
 from pipeline.readers import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
-from shard_tools.converters import cifar100mh
-from shard_tools.synthetic_cifar import ClassParam, generate_cifar100, generate_cifar100mh, python2_pickle, read_class
+from shard_tools.formats.cifar100mh import reader as cifar100mh
+from shard_tools.formats.cifar100mh.synthetic import (
+    ClassParam,
+    generate_cifar100,
+    generate_cifar100mh,
+    python2_pickle,
+    read_class,
+)
 from tests.conftest import convert_validated, no_output
 
 # a head whose min is not 0: 10 classes, stored values 0..9 (the value is the class index)
@@ -223,7 +229,7 @@ def _edit_json(edit: Callable[[dict], None]) -> Callable[[Path], None]:
 
 
 BAD_DIRECTORIES = [  # layout, change to the source directory, error
-    (MH, _write_json('{"parameter_names": ['), r"cifar100mh_dataset_info.json: expected JSON, found corrupt text"),
+    (MH, _write_json('{"parameter_names": ['), r"cifar100mh_dataset_info.json: expected JSON, found unparsable text"),
     (MH, lambda src: (src / "cifar100mh_dataset_info.json").unlink(),
      r"expected cifar100mh_dataset_info.json or vimh_dataset_info.json .*found neither"),
     (MH, _edit_json(lambda i: i["parameter_mappings"].pop("decade")),

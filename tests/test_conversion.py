@@ -11,7 +11,7 @@ import pytest
 from pipeline.errors import ConversionError
 from shard_tools.cli import main
 from shard_tools.convert import convert
-from shard_tools.synthetic_imagenet import generate_imagenet100
+from shard_tools.formats.imagenet100.synthetic import generate_imagenet100
 from shard_tools.writer import ShardWriter
 
 
@@ -156,12 +156,11 @@ def test_parallel_resume_keeps_every_sound_shard(tmp_path: Path, source: Path) -
     for shard in sorted((out / "train").glob("train-*.tar")):
         shard.rename(staging_dir / shard.name)
     (out / "train" / "manifest.json").unlink()
-    from shard_tools.convert import Source, split_plan, staging_source
-    from shard_tools.staging import PROGRESS, resume_key, start_progress
+    from shard_tools.conversion.plan import SourceSplit, plan_split
+    from shard_tools.formats import get_format
+    from shard_tools.staging import PROGRESS, start_progress
 
-    train = Source("vimh", None, source, "train")
-    schema, order = split_plan(train, shuffle=True, seed=0)
-    key = resume_key(schema, order, staging_source(train), (100, None))
+    key = plan_split(SourceSplit(get_format("vimh"), source, "train"), shuffle=True, seed=0, limits=(100, None)).key
     from pipeline.manifest import read_manifest
 
     clean_shards = read_manifest(str(tmp_path / "clean" / "train" / "manifest.json")).shards
@@ -195,7 +194,7 @@ def test_a_second_conversion_of_the_same_split_fails_at_once(tmp_path: Path, sou
     first; a lock left by a killed run (a file nobody holds) is taken over."""
     import os
 
-    from shard_tools.staging import LOCK, conversion_lock
+    from shard_tools.conversion.locks import LOCK, conversion_lock
 
     out = tmp_path / "out"
     with conversion_lock(out / "train"):
@@ -214,7 +213,7 @@ def test_a_second_conversion_of_the_same_split_fails_at_once(tmp_path: Path, sou
 def test_node_shares_run_together_but_never_beside_a_one_machine_run(tmp_path: Path, source: Path) -> None:
     """Node shares of a split hold its lock shared (and their own share's exclusively); a
     one-machine run holds it exclusively, and would delete the shares' shards."""
-    from shard_tools.staging import LOCK, conversion_lock
+    from shard_tools.conversion.locks import LOCK, conversion_lock
 
     out, nodes = tmp_path / "out", {"max_samples": 100, "max_bytes": None, "num_nodes": 2}
     with conversion_lock(out / "train", ".convert.node-1-of-2.lock"):
@@ -232,7 +231,7 @@ def test_node_shares_run_together_but_never_beside_a_one_machine_run(tmp_path: P
 
 
 def test_a_lock_file_replaced_by_another_run_is_not_removed(tmp_path: Path) -> None:
-    from shard_tools.staging import LOCK, conversion_lock
+    from shard_tools.conversion.locks import LOCK, conversion_lock
 
     with conversion_lock(tmp_path / "d"):
         (tmp_path / "d" / LOCK).unlink()  # as a run that removed it and one that made it again would
@@ -244,12 +243,12 @@ def test_a_file_system_without_locks_converts_with_a_warning(tmp_path: Path, sou
                                                              caplog) -> None:
     import errno
 
-    import shard_tools.staging as staging
+    import shard_tools.conversion.locks as locks
 
     def no_locks(fd: int, operation: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(staging.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
     with caplog.at_level(logging.WARNING):
         manifests = convert("vimh", source, tmp_path / "out", splits=["train", "train"], max_samples=128)
     assert manifests["train"].num_samples == 900 and list(manifests) == ["train"]  # a split named twice: once
@@ -260,7 +259,7 @@ def test_a_file_system_without_locks_converts_with_a_warning(tmp_path: Path, sou
 def test_progress_is_reported_block_by_block(tmp_path: Path, source: Path, monkeypatch, workers: int) -> None:
     """The bar moves as blocks are written (in a pool: through a shared counter the parent
     polls), not once per job, and ends at the split's size."""
-    import shard_tools.parallel as parallel
+    import shard_tools.conversion.slices as parallel
 
     updates: list[int] = []
 

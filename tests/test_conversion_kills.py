@@ -26,7 +26,7 @@ from shard_tools.validate import validate
 KILLED_WHILE_PUBLISHING = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import shard_tools.parallel, shard_tools.writer
+    import shard_tools.conversion.slices, shard_tools.writer
     from shard_tools.convert import convert
 
     src, out, kill_at, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -52,7 +52,7 @@ KILLED_WHILE_PUBLISHING = textwrap.dedent("""
         return real_publish(*args, **kwargs)
 
     os.replace, Path.unlink = replace, unlink
-    shard_tools.writer.publish_staged = shard_tools.parallel.publish_staged = publish
+    shard_tools.writer.publish_staged = shard_tools.conversion.slices.publish_staged = publish
     convert("vimh", src, out, max_samples=8, seed=seed, max_bytes=None if len(sys.argv) > 5 else 256 << 20)
     print("steps", steps[0])
 """)

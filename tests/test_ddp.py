@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from pipeline import make_loader
 from shard_tools.convert import convert
-from shard_tools.synthetic import generate_vimh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 
 
 def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:

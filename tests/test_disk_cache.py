@@ -12,7 +12,7 @@ import fsspec
 from pipeline import make_loader
 from pipeline.disk_cache import PARTIAL, cache_name, cached, evict
 from shard_tools.convert import convert
-from shard_tools.synthetic import generate_vimh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 
 
 def sizes(directory: Path) -> int:

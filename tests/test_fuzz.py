@@ -26,7 +26,7 @@ from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
 from pipeline.manifest import Manifest
 from pipeline.schema import DatasetSchema
 from shard_tools.convert import convert
-from shard_tools.synthetic import generate_vimh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # docs/reliability.md: the long run sets 20000
 FUZZ = settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,

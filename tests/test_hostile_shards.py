@@ -19,7 +19,7 @@ from pipeline import make_loader
 from pipeline.errors import HeaderMismatchError, ManifestError, PipelineError, ShardFormatError
 from pipeline.tario import index_shard
 from shard_tools.convert import convert
-from shard_tools.synthetic import generate_vimh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 from shard_tools.validate import validate
 from tests.crafted import BLOCK, edit_manifest, header_block, member, rebuild, relist
 

@@ -25,8 +25,9 @@ from pipeline.labels import decode_labels
 from pipeline.readers import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
-from shard_tools.converters.class_lists import builtin_class_list
-from shard_tools.converters.imagenet100 import (
+from shard_tools.formats.imagenet100.class_lists import builtin_class_list
+from shard_tools.formats.imagenet100.jpeg_header import jpeg_header
+from shard_tools.formats.imagenet100.reader import (
     NOT_RGB,
     OK,
     Probe,
@@ -34,8 +35,7 @@ from shard_tools.converters.imagenet100 import (
     probe,
     probe_bytes,
 )
-from shard_tools.converters.jpeg_header import jpeg_header
-from shard_tools.synthetic_imagenet import generate_imagenet100, read_class
+from shard_tools.formats.imagenet100.synthetic import generate_imagenet100, read_class
 from shard_tools.validate import validate
 from tests.conftest import no_output
 from tests.test_make import needs_make, run_make
@@ -256,7 +256,7 @@ def test_make_shards_imagenet100_from_a_generated_source(tmp_path: Path) -> None
         "train": 300, "val": 100}
 
 
-# The fast header check (shard_tools.converters.jpeg_header) against Pillow's: same kind,
+# The fast header check (shard_tools.formats.imagenet100.jpeg_header) against Pillow's: same kind,
 # detail and size on every file, whether the fast walk decides or leaves it to Pillow.
 
 def _pillow(data: bytes) -> Probe:
@@ -419,7 +419,7 @@ def test_skipped_files_leave_output_independent_of_workers_and_resumable(tmp_pat
     """Skipped files shorten their shard (planned slices) or the stream; either way 1 and
     2 workers give the same bytes, and a run interrupted after its first shards resumes
     from the right sample (the kept shards cover more positions than samples)."""
-    import shard_tools.converters.imagenet100 as imagenet100
+    import shard_tools.formats.imagenet100.reader as imagenet100
     from shard_tools.writer import ShardWriter
 
     monkeypatch.setattr(imagenet100, "FILES_PER_BLOCK", 4)
@@ -456,7 +456,7 @@ def test_a_resume_does_not_read_an_empty_slice_again(tmp_path: Path, monkeypatch
     log records it, and a run interrupted just before publishing resumes without opening
     any file again, with the same output as a run never interrupted."""
 
-    from shard_tools.parallel import StagedSplit
+    from shard_tools.conversion.slices import StagedSplit
 
     src, class_file = make_source(tmp_path, n_train=3, bad_files=True)
 

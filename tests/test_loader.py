@@ -18,7 +18,7 @@ N_TRAIN = 75
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[Path, Path]:
     """75 train samples in uneven shards (16, 16, 16, 16, 11), and the source they came from."""
-    from shard_tools.synthetic import generate_vimh
+    from shard_tools.formats.vimh.synthetic import generate_vimh
 
     root = tmp_path_factory.mktemp("loader")
     src = generate_vimh(root / "vimh-8x6x3_l", n_train=N_TRAIN, n_test=10, height=8, width=6,

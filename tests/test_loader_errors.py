@@ -25,7 +25,7 @@ from tests.test_validate import rewrite
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    from shard_tools.synthetic import generate_vimh
+    from shard_tools.formats.vimh.synthetic import generate_vimh
 
     root = tmp_path_factory.mktemp("bad")
     src = generate_vimh(root / "vimh-8x8x1_b", n_train=48, n_test=4, height=8, width=8, channels=1)

@@ -15,8 +15,8 @@ from pipeline import MixSource, make_loader, mix
 from pipeline.errors import PipelineError, SchemaError
 from pipeline.mixing import apportion, split_counts
 from shard_tools.convert import convert
-from shard_tools.synthetic import generate_vimh
-from shard_tools.synthetic_cifar import generate_cifar100, generate_cifar100mh
+from shard_tools.formats.cifar100mh.synthetic import generate_cifar100, generate_cifar100mh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 
 WEIGHTS = (0.6, 0.3, 0.1)
 NAMES = ("big", "mid", "small")

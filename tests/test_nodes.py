@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.errors import ConversionError
 from shard_tools.cli import main
+from shard_tools.conversion.nodes import merge_manifests
 from shard_tools.convert import convert
-from shard_tools.nodes import merge_manifests
 from shard_tools.validate import validate
 from tests.test_conversion import digests
 
@@ -61,7 +61,7 @@ def test_node_settings_are_checked(tmp_path: Path, source: Path) -> None:
 
 
 def test_interrupted_node_share_keeps_its_sound_shards(tmp_path: Path, source: Path, monkeypatch) -> None:
-    import shard_tools.parallel as parallel
+    import shard_tools.conversion.slices as parallel
 
     real, calls = parallel.prepare_blocks, []
 
@@ -98,8 +98,8 @@ def test_a_node_resumed_after_empty_slices_lists_them_and_merges(tmp_path: Path,
     manifest equals one machine's."""
     import json
 
-    import shard_tools.parallel as parallel
-    from shard_tools.synthetic_imagenet import generate_imagenet100
+    import shard_tools.conversion.slices as parallel
+    from shard_tools.formats.imagenet100.synthetic import generate_imagenet100
     from tests.test_imagenet100 import WNIDS
 
     (tmp_path / "classes.txt").write_text("\n".join(WNIDS) + "\n")

@@ -217,8 +217,8 @@ def test_work_dir_is_only_for_urls(tmp_path: Path, vimh_source) -> None:
 def test_a_second_run_of_the_same_conversion_to_s3_fails_at_once(tmp_path: Path, vimh_source, s3_options: dict) -> None:
     """Two runs to one URL would share a work directory: the second fails, naming the first."""
     from pipeline.errors import ConversionError
-    from shard_tools.remote_out import work_directory
-    from shard_tools.staging import conversion_lock
+    from shard_tools.conversion.locks import conversion_lock
+    from shard_tools.conversion.remote import work_directory
 
     url, work = f"s3://out{uuid.uuid4().hex[:10]}/vimh", tmp_path / "w"
     with conversion_lock(work_directory(url, ["test", "train"], work)), \

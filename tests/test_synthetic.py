@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConversionError
-from shard_tools.synthetic import generate_vimh
+from shard_tools.formats.vimh.synthetic import generate_vimh
 from tests.conftest import read_vimh_source
 
 

@@ -242,8 +242,8 @@ def test_training_on_a_mix_learns_every_head(tmp_path: Path) -> None:
     """VIMH (2 quantized heads) and the CIFAR-100 release layout (fine, coarse) mixed 50/50:
     every head, and the dataset head, well above chance after a few epochs."""
     from shard_tools.convert import convert
-    from shard_tools.synthetic import generate_vimh
-    from shard_tools.synthetic_cifar import generate_cifar100
+    from shard_tools.formats.cifar100mh.synthetic import generate_cifar100
+    from shard_tools.formats.vimh.synthetic import generate_vimh
 
     convert("vimh", generate_vimh(tmp_path / "src" / "vimh-32x32x3_m", n_train=1024, n_test=256), tmp_path / "vimh")
     convert("cifar100mh", generate_cifar100(tmp_path / "src" / "cifar100", n_train=2048, n_test=512),

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from pipeline.schema import DatasetSchema, Head, ImageSpec
+from pipeline.tar_write import tar_end, tar_member
 from shard_tools.cli import main
 from shard_tools.convert import convert
-from shard_tools.tar_format import tar_end, tar_member
 from shard_tools.validate import validate
 from shard_tools.writer import ShardWriter
 

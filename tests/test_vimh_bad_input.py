@@ -104,7 +104,7 @@ def test_binary_header_size_is_detected_not_guessed(tmp_path: Path, vimh_source)
 def test_corrupt_json(tmp_path: Path, vimh_source) -> None:
     src = vimh_source()
     (src / "vimh_dataset_info.json").write_text('{"parameter_names": [')
-    with pytest.raises(ConversionError, match=r"vimh_dataset_info.json: expected JSON, found corrupt text"):
+    with pytest.raises(ConversionError, match=r"vimh_dataset_info.json: expected JSON, found unparsable text"):
         convert("vimh", src, tmp_path / "out")
 
 
@@ -189,3 +189,24 @@ def test_colliding_names_after_cleaning_are_an_error(tmp_path: Path, vimh_source
     (src / "vimh_dataset_info.json").write_text(json.dumps(info))
     with pytest.raises(ConversionError, match=r"heads: expected unique head names, found \['a_b'\]"):
         convert("vimh", src, tmp_path / "out")
+
+
+class _RunsCode:
+    """A pickle payload that would create ``marker`` when unpickled by a plain unpickler."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_source_pickle_that_would_run_code_is_refused(tmp_path: Path, vimh_source) -> None:
+    """Source files are hostile too: unpickling builds only plain data and numpy arrays."""
+    src = vimh_source()
+    marker = tmp_path / "ran"
+    (src / "train_batch").write_bytes(pickle.dumps({"data": _RunsCode(marker), "vimh_labels": []}))
+    with pytest.raises(ConversionError, match=r"train_batch: expected a VIMH pickle, found a truncated or corrupt "
+                                              r"file \(UnpicklingError: refused to load pathlib.Path"):
+        convert("vimh", src, tmp_path / "out")
+    assert not marker.exists()

@@ -17,10 +17,7 @@ from pipeline.errors import ConversionError
 from pipeline.header import HEADER_MEMBER, header_bytes, read_header
 from pipeline.labels import encode_labels
 from pipeline.schema import DatasetSchema, Head, ImageSpec
-from shard_tools.convert import check_block, convert
-from shard_tools.converters import SampleBlock, vimh
-from shard_tools.converters.vimh_files import _parse_each, _parse_table
-from shard_tools.tar_format import (
+from pipeline.tar_write import (
     RECORD,
     Rows,
     _reference_header,
@@ -31,6 +28,11 @@ from shard_tools.tar_format import (
     tar_member,
     tar_pieces,
 )
+from shard_tools.conversion.blocks import check_block
+from shard_tools.convert import convert
+from shard_tools.formats import SampleBlock
+from shard_tools.formats.mh_pickles import _parse_each, _parse_table
+from shard_tools.formats.vimh import reader as vimh
 from shard_tools.writer import ShardWriter
 
 SCHEMA = DatasetSchema(name="w", split="train", image=ImageSpec(4, 4, 1),

@@ -1,7 +1,8 @@
-"""Conversion straight to object storage: ``OUT`` as ``s3://bucket/prefix`` (any fsspec URL).
+"""Uploading converted splits to object storage: ``OUT`` as ``s3://bucket/prefix`` (any fsspec URL).
 
-The shards are made in a local work directory exactly as for a local ``OUT`` (so every
-guarantee of the local writer holds, resume included), then uploaded split by split:
+:func:`~shard_tools.convert.convert` makes the shards in a local work directory exactly as
+for a local ``OUT`` (so every guarantee of the local writer holds, resume included); this
+module only uploads them, split by split:
 shards first under ``<split>/.staging/<manifest key>/``, then copied to their names (a
 server-side copy on S3), then the manifest last, then the staging objects deleted. A split
 therefore has a manifest only once all its shards are in place, and a failed upload leaves
@@ -33,9 +34,10 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
 from pipeline.errors import ConversionError
-from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
+from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.storage import REMOTE_ERRORS, is_remote
-from shard_tools.staging import LOCK, conversion_lock, write_atomic
+from shard_tools.conversion.locks import LOCK
+from shard_tools.staging import write_atomic
 
 log = logging.getLogger(__name__)
 UPLOAD_ERRORS: tuple[type[BaseException], ...] = (PermissionError, *REMOTE_ERRORS)
@@ -54,50 +56,23 @@ def work_directory(out: str, splits: Sequence[str], root: str | Path | None = No
     return base / f"shards-work-{name}"
 
 
-def convert_remote(format_name: str, src: str | Path, out: str, *, splits: Sequence[str] | None,
-                   work_dir: str | Path | None, storage_options: dict[str, Any] | None,
-                   **settings: Any) -> dict[str, Manifest]:
-    """:func:`~shard_tools.convert.convert` to an object-store URL (see the module notes)."""
-    from shard_tools.converters import get_format
-
-    options = settings.get("options")
-    wanted = tuple(dict.fromkeys(splits)) if splits else get_format(format_name, options).splits(Path(src))
-    work = work_directory(out, wanted, work_dir)
-    log.info("%s: building the shards in %s before uploading them", out, work)
-    with conversion_lock(work):  # a second run of the same conversion fails at once, naming this one
-        return _convert_and_upload(format_name, src, out, work, wanted, storage_options, settings)
-
-
-def _convert_and_upload(format_name: str, src: str | Path, out: str, work: Path, wanted: Sequence[str],
-                        storage_options: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Manifest]:
-    from shard_tools.convert import Source, conversion_key, convert
-
-    options = settings.get("options")
-    keys = {split: conversion_key(Source(format_name, dict(options) if options else None, Path(src), split),
-                                  shuffle=settings["shuffle"], seed=settings["seed"],
-                                  limits=(settings["max_samples"], settings["max_bytes"])) for split in wanted}
-    manifests = {split: read_manifest(str(work / split / MANIFEST_NAME)) for split in wanted
-                 if _converted(work / split) == keys[split]}
-    todo = [split for split in wanted if split not in manifests]
-    if manifests:
-        log.info("%s: splits %s were converted completely by an earlier run; kept", work, sorted(manifests))
-    if todo:
-        manifests.update(convert(format_name, src, work, splits=todo, **settings))
-        for split in todo:
-            write_atomic(work / split / CONVERTED, keys[split])
-    for split in wanted:
-        upload_split(work / split, f"{out.rstrip('/')}/{split}", manifests[split], storage_options)
-    for leftover in work.iterdir():  # everything but the lock, which goes on release
-        if leftover.name != LOCK:
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    return {split: manifests[split] for split in wanted}
-
-
-def _converted(split_dir: Path) -> str | None:
+def converted_key(split_dir: Path) -> str | None:
+    """The key of the complete conversion a work split directory holds, if it holds one."""
     try:
         return (split_dir / CONVERTED).read_text() if (split_dir / MANIFEST_NAME).is_file() else None
     except OSError:
         return None
+
+
+def mark_converted(split_dir: Path, key: str) -> None:
+    write_atomic(split_dir / CONVERTED, key)
+
+
+def clear_work_directory(work: Path) -> None:
+    """Everything in a work directory but its lock, which goes on release."""
+    for leftover in work.iterdir():
+        if leftover.name != LOCK:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
 def _uploaded(fs: AbstractFileSystem, staging: str, key: str) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import ConversionError
-from shard_tools.converters.class_lists import load_class_list
+from shard_tools.formats.imagenet100.class_lists import load_class_list
 
 LIT, NOISE = 230, 40
 BAD_FILES = (("gray", "L", "JPEG"), ("cmyk", "CMYK", "JPEG"), ("png", "RGB", "PNG"))

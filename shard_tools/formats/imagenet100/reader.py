@@ -7,16 +7,15 @@ directories: sample ``i`` is the ``i``-th file (by label, then name), whatever i
 Each file is read once, when its sample is written, and classified from the bytes in
 hand (:func:`probe_bytes`); a file that is not an RGB JPEG is re-encoded, skipped or an
 error (``on_bad``), with one warning per file, and a skipped file leaves its shard one
-sample shorter. Options come through :func:`configure`; the module-level functions are
-the format with default options."""
+sample shorter. :func:`configure` gives the format object with its options."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import io
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ from PIL import Image
 
 from pipeline.errors import ConversionError, SchemaError
 from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
-from shard_tools import __version__
-from shard_tools.converters import SampleBlock, blocks_of
-from shard_tools.converters.class_lists import BUILTIN_LISTS, ClassList, load_class_list
-from shard_tools.converters.jpeg_header import jpeg_header
+from shard_tools.formats.base import SampleBlock, blocks_of
+from shard_tools.formats.imagenet100.class_lists import BUILTIN_LISTS, ClassList, load_class_list
+from shard_tools.formats.imagenet100.jpeg_header import jpeg_header
+from shard_tools.version import CONVERTER_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def _fast(data: bytes) -> Probe | None:
 
 def probe_bytes(data: bytes) -> Probe:
     """:func:`probe` of a whole file's bytes; Pillow opens only what the fast JPEG header
-    walk (:mod:`~shard_tools.converters.jpeg_header`) leaves undecided."""
+    walk (:mod:`~shard_tools.formats.imagenet100.jpeg_header`) leaves undecided."""
     found = _fast(data)
     return probe(io.BytesIO(data)) if found is None else found
 
@@ -197,8 +196,12 @@ class ImageNet100:
     classes: ClassList
 
     @property
-    def NAME(self) -> str:
+    def name(self) -> str:
         return NAME
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return dataclasses.asdict(self.options)
 
     def splits(self, src: Path) -> tuple[str, ...]:
         if not src.is_dir():
@@ -232,7 +235,7 @@ class ImageNet100:
             return DatasetSchema(name=src.name or NAME, split=split, image=IMAGE, heads=(head,),
                                  fixed_parameters=fixed,
                                  provenance=Provenance(source_format=SOURCE_FORMAT, source_version=cl.source,
-                                                       source_name=src.name, converter_version=__version__))
+                                                       source_name=src.name, converter_version=CONVERTER_VERSION))
         except SchemaError as e:
             raise ConversionError(f"{src}: {e}") from e
 
@@ -305,24 +308,3 @@ def configure(**options: Any) -> ImageNet100:
         raise ConversionError(f"imagenet100: unknown option(s) in {sorted(options)}; expected "
                               "class_list, resize, quality, on_bad") from e
     return ImageNet100(opts, load_class_list(opts.class_list))
-
-
-@functools.cache
-def _default() -> ImageNet100:
-    return configure()
-
-
-def splits(src: Path) -> tuple[str, ...]:
-    return _default().splits(src)
-
-
-def read_schema(src: Path, split: str) -> DatasetSchema:
-    return _default().read_schema(src, split)
-
-
-def count_samples(src: Path, split: str) -> int:
-    return _default().count_samples(src, split)
-
-
-def iter_blocks(src: Path, split: str, indices: Sequence[int] | None = None) -> Iterator[SampleBlock]:
-    return _default().iter_blocks(src, split, indices)

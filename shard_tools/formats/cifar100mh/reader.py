@@ -8,8 +8,9 @@
 - **CIFAR-100 python release**: ``train``/``test`` pickles (``data``, ``fine_labels``,
   ``coarse_labels``) and ``meta`` (label names): heads ``fine`` and ``coarse``.
 
-Pixels are planar CHW rows, kept byte-for-byte. Pickle readers are VIMH's
-(:mod:`shard_tools.converters.vimh_files`), metadata reading and head naming VIMH's too.
+Pixels are planar CHW rows, kept byte-for-byte. The pickle reader
+(:mod:`shard_tools.formats.mh_pickles`) and the ``*_dataset_info.json`` layer
+(:mod:`shard_tools.formats.dataset_info`) are shared with VIMH.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import numpy as np
 
 from pipeline.errors import ConversionError, SchemaError
 from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
-from shard_tools import __version__
-from shard_tools.converters import BLOCK_BYTES, SampleBlock, blocks_of
-from shard_tools.converters.file_cache import latest_per_file
-from shard_tools.converters.vimh import VimhMetadata, head_description, head_name, read_metadata
-from shard_tools.converters.vimh_files import PickleKind, load_pickle, read_pickle, stat_key
+from shard_tools.formats.base import BLOCK_BYTES, SampleBlock, blocks_of
+from shard_tools.formats.dataset_info import DatasetInfo, head_description, head_name, read_dataset_info
+from shard_tools.formats.file_cache import latest_per_file
+from shard_tools.formats.mh_pickles import PickleKind, load_pickle, read_pickle, stat_key
+from shard_tools.version import CONVERTER_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +126,17 @@ def _nonempty(path: Path, n: int) -> None:
 
 # --- CIFAR-100-MH layout ---------------------------------------------------------------
 
-def _metadata(src: Path) -> VimhMetadata:
+def _metadata(src: Path) -> DatasetInfo:
     for name in METADATA_FILES:
         if (src / name).is_file():
             if name != METADATA_FILES[0]:
                 log.info("%s: no %s; using %s", src, METADATA_FILES[0], name)
-            return read_metadata(src, name)
+            return read_dataset_info(src, name)
     raise ConversionError(f"{src}: expected {' or '.join(METADATA_FILES)} (class counts come from its "
                           "parameter_mappings), found neither")
 
 
-def _class_head(meta: VimhMetadata, param_id: int, path: Path) -> Head:
+def _class_head(meta: DatasetInfo, param_id: int, path: Path) -> Head:
     raw_name, name = head_name(meta, param_id, path)
     mapping = meta.mappings.get(raw_name)
     if mapping is None:
@@ -158,7 +159,7 @@ def _is_integral(value: Any) -> bool:
             and float(value).is_integer())
 
 
-def _mh_dims(src: Path, meta: VimhMetadata, path: Path, pickled: Dims | None, row: int) -> Dims:
+def _mh_dims(src: Path, meta: DatasetInfo, path: Path, pickled: Dims | None, row: int) -> Dims:
     """Dimensions on which the JSON and the pickle agree (32x32x3 when neither says)."""
     known = {str(where): d for where, d in ((meta.path, meta.dims), (path, pickled)) if d is not None}
     if len(set(known.values())) > 1:
@@ -265,7 +266,7 @@ def _schema(src: Path, split: str, name: str, image: ImageSpec, heads: tuple[Hea
     try:
         return DatasetSchema(name=name, split=split, image=image, heads=heads,
                              provenance=Provenance(source_format=source_format, source_version=version,
-                                                   source_name=src.name, converter_version=__version__))
+                                                   source_name=src.name, converter_version=CONVERTER_VERSION))
     except SchemaError as e:
         raise ConversionError(f"{src}: {e}") from e
 
@@ -285,3 +286,28 @@ def iter_blocks(src: Path, split: str,
     order = range(len(data)) if indices is None else indices
     for rows in blocks_of(order, BLOCK_BYTES // max(1, data.images.shape[1])):
         yield SampleBlock(indices=rows, images=data.images[rows], labels=data.labels[rows])
+
+
+@dataclass(frozen=True)
+class Cifar100MhFormat:
+    """The CIFAR-100-MH format, either layout (it takes no options)."""
+
+    @property
+    def name(self) -> str:
+        return NAME
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return {}
+
+    def splits(self, src: Path) -> tuple[str, ...]:
+        return splits(src)
+
+    def read_schema(self, src: Path, split: str) -> DatasetSchema:
+        return read_schema(src, split)
+
+    def count_samples(self, src: Path, split: str) -> int:
+        return count_samples(src, split)
+
+    def iter_blocks(self, src: Path, split: str, indices: Sequence[int] | None = None) -> Iterator[SampleBlock]:
+        return iter_blocks(src, split, indices)

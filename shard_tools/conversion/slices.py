@@ -3,7 +3,7 @@
 When shards are limited by sample count only, every shard's samples are known before
 anything is read, so any process can write any shard, and the result is byte-identical
 whoever writes it: one process, ``N`` worker processes, or nodes of a cluster
-(:mod:`shard_tools.nodes`). A sample the source format skips (a bad file) leaves its
+(:mod:`shard_tools.conversion.nodes`). A sample the source format skips (a bad file) leaves its
 shard one shorter; a slice with no sample left gives no shard (its number is unused, and
 the progress log records it as empty, so a resume does not read it again).
 
@@ -30,7 +30,8 @@ from pipeline.lifetime import DieWithParent
 from pipeline.manifest import Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
 from shard_tools import staging
-from shard_tools.convert import Source, prepare_blocks, split_plan, staging_source
+from shard_tools.conversion.blocks import prepare_blocks
+from shard_tools.conversion.plan import SourceSplit, SplitPlan, planned
 from shard_tools.progress_bar import ProgressBar
 from shard_tools.writer import STAGING_DIR, ShardWriter, publish_staged, shard_name
 
@@ -62,7 +63,7 @@ class SliceJob:
     """Shards ``indices`` (consecutive slices of the order) of a split, written into
     ``directory`` with finished shards recorded in ``progress``."""
 
-    source: Source
+    source: SourceSplit
     schema: DatasetSchema
     slices: tuple[tuple[int, Sequence[int]], ...]  # (shard number, its samples)
     max_samples: int
@@ -114,13 +115,13 @@ def write_slices(job: SliceJob, report: Callable[[int], None] | None = None,
     return job.planned, writer.shards
 
 
-def slice_jobs(source: Source, schema: DatasetSchema, order: Sequence[int], shards: Sequence[int], *,
-               max_samples: int, directory: Path, progress: Path, workers: int) -> list[SliceJob]:
-    """``shards`` (numbers, increasing) as jobs of up to :data:`MAX_RUN` shards, about four
-    jobs per worker."""
+def slice_jobs(plan: SplitPlan, shards: Sequence[int], *, max_samples: int, directory: Path, progress: Path,
+               workers: int) -> list[SliceJob]:
+    """``shards`` (numbers, increasing) of a split as jobs of up to :data:`MAX_RUN` shards,
+    about four jobs per worker."""
     size = max(1, min(MAX_RUN, len(shards) // (4 * workers)))
     runs = [shards[start:start + size] for start in range(0, len(shards), size)]
-    return [SliceJob(source, schema, tuple((i, order[i * max_samples:(i + 1) * max_samples]) for i in run),
+    return [SliceJob(plan.source, plan.schema, tuple((i, planned(plan.order, i, max_samples)) for i in run),
                      max_samples, directory, progress) for run in runs]
 
 
@@ -152,22 +153,19 @@ def run_jobs(jobs: Sequence[SliceJob], workers: int,
                 yield result
 
 
-def stage_split_slices(source: Source, out: Path, *, shuffle: bool, seed: int, max_samples: int,
-                       workers: int) -> StagedSplit:
+def stage_split_slices(plan: SplitPlan, out: Path, *, max_samples: int, workers: int) -> StagedSplit:
     """Write a split's shards as planned slices with ``workers`` processes (see the module)."""
-    schema, order = split_plan(source, shuffle=shuffle, seed=seed)
-    key = staging.resume_key(schema, order, staging_source(source), (max_samples, None))
-    staged = StagedSplit(out / source.split, schema, [])
+    staged = StagedSplit(out / plan.split, plan.schema, [])
     staged.staging_dir.mkdir(parents=True, exist_ok=True)
-    done = {s.name: s for s in staging.resume(staged.staging_dir, key, prefix=False)}
-    names = [shard_name(source.split, i) for i in range(-(-len(order) // max_samples))]
+    done = {s.name: s for s in staging.resume(staged.staging_dir, plan.key, prefix=False)}
+    names = [shard_name(plan.split, i) for i in range(-(-len(plan.order) // max_samples))]
     todo = [i for i, name in enumerate(names) if name not in done]
-    jobs = slice_jobs(source, schema, order, todo, max_samples=max_samples, directory=staged.staging_dir,
+    jobs = slice_jobs(plan, todo, max_samples=max_samples, directory=staged.staging_dir,
                       progress=staged.staging_dir / staging.PROGRESS, workers=workers)
     try:
-        with ProgressBar(total=len(order), desc=f"{schema.name}/{source.split}", unit="sample", disable=None,
-                         leave=False) as bar:
-            bar.update(len(order) - sum(job.planned for job in jobs))
+        with ProgressBar(total=len(plan.order), desc=f"{plan.schema.name}/{plan.split}", unit="sample",
+                         disable=None, leave=False) as bar:
+            bar.update(len(plan.order) - sum(job.planned for job in jobs))
             for _, shards in run_jobs(jobs, workers, bar.update):
                 done.update((s.name, s) for s in shards)
     except Exception:  # an error: nothing of this run stays (an interrupt keeps sound shards for a resume)
@@ -175,5 +173,5 @@ def stage_split_slices(source: Source, out: Path, *, shuffle: bool, seed: int, m
         raise
     staged.shards = [done[name] for name in names if name in done and done[name].samples]
     if not staged.shards:
-        raise ConversionError(f"{staged.out_dir}: no samples were written for split {source.split!r}")
+        raise ConversionError(f"{staged.out_dir}: no samples were written for split {plan.split!r}")
     return staged

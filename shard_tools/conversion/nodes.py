@@ -17,11 +17,11 @@ from pathlib import Path
 from pipeline.errors import ConversionError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.schema import DatasetSchema
-from shard_tools.convert import Source, report_skipped, split_plan, staging_source
-from shard_tools.parallel import run_jobs, slice_jobs
+from shard_tools.conversion.plan import SplitPlan, planned
+from shard_tools.conversion.slices import run_jobs, slice_jobs
 from shard_tools.progress_bar import ProgressBar
-from shard_tools.staging import is_sound, read_progress, resume_key, start_progress, write_atomic
-from shard_tools.writer import shard_name
+from shard_tools.staging import is_sound, read_progress, start_progress, write_atomic
+from shard_tools.writer import report_skipped, shard_name
 
 log = logging.getLogger(__name__)
 NODE_MANIFEST = "manifest.node-{rank}-of-{nodes}.json"
@@ -33,40 +33,38 @@ def node_shards(count: int, max_samples: int, num_nodes: int, node_rank: int) ->
     return [i for i in range(-(-count // max_samples)) if i % num_nodes == node_rank]
 
 
-def convert_share(source: Source, out: Path, *, num_nodes: int, node_rank: int, max_samples: int,
-                  shuffle: bool, seed: int, workers: int = 1) -> list[ShardInfo]:
+def convert_share(plan: SplitPlan, out: Path, *, num_nodes: int, node_rank: int, max_samples: int,
+                  workers: int = 1) -> list[ShardInfo]:
     """Write this node's shards of one split into ``out/<split>/`` (``workers`` processes,
     each writing whole shards) and its node manifest. Shards a killed run of the same
-    share finished, and that still hash to what it recorded, are kept."""
-    schema, order = split_plan(source, shuffle=shuffle, seed=seed)
-    split_dir = out / source.split
+    share finished, and that still hash to what it recorded, are kept (the plan's key
+    covers ``(max_samples, num_nodes)``)."""
+    schema, order, split_dir = plan.schema, plan.order, out / plan.split
     split_dir.mkdir(parents=True, exist_ok=True)
     (split_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an earlier output's: it must not list new shards
     progress = split_dir / NODE_PROGRESS.format(rank=node_rank, nodes=num_nodes)
-    key = resume_key(schema, order, staging_source(source), (max_samples, num_nodes))
-    done = {s.name: s for s in read_progress(progress, key) if is_sound(split_dir / s.name, s)}
-    start_progress(progress, key, list(done.values()))
+    done = {s.name: s for s in read_progress(progress, plan.key) if is_sound(split_dir / s.name, s)}
+    start_progress(progress, plan.key, list(done.values()))
     if done:
         log.info("%s: node %d keeps %d sound shard(s) of an interrupted run", split_dir, node_rank, len(done))
     mine = node_shards(len(order), max_samples, num_nodes, node_rank)
-    todo = [i for i in mine if shard_name(source.split, i) not in done]
-    jobs = slice_jobs(source, schema, order, todo, max_samples=max_samples, directory=split_dir,
-                      progress=progress, workers=workers)
+    todo = [i for i in mine if shard_name(plan.split, i) not in done]
+    jobs = slice_jobs(plan, todo, max_samples=max_samples, directory=split_dir, progress=progress, workers=workers)
     to_write = sum(job.planned for job in jobs)
-    with ProgressBar(total=to_write, desc=f"{schema.name}/{source.split} node {node_rank}/{num_nodes}", unit="sample",
-                     disable=None, leave=False) as bar:
+    with ProgressBar(total=to_write, desc=f"{schema.name}/{plan.split} node {node_rank}/{num_nodes}",
+                     unit="sample", disable=None, leave=False) as bar:
         for _, shards in run_jobs(jobs, workers, bar.update):
             done.update((s.name, s) for s in shards)  # each recorded in the progress log as it landed
-    names = [(i, shard_name(source.split, i)) for i in mine]
+    names = [(i, shard_name(plan.split, i)) for i in mine]
     written = [done[name] for _, name in names if name in done and done[name].samples]
     kept = {s.name for s in written}
-    planned = -(-len(order) // max_samples)
+    planned_shards = -(-len(order) // max_samples)
     node = {"schema": schema.to_dict(), "num_nodes": num_nodes, "node_rank": node_rank,
-            "planned_shards": planned, "shards": [vars(s) for s in written],
+            "planned_shards": planned_shards, "shards": [vars(s) for s in written],
             "empty_shards": [i for i, name in names if name not in kept]}  # every sample skipped by the format
     write_atomic(split_dir / NODE_MANIFEST.format(rank=node_rank, nodes=num_nodes),
                 json.dumps(node, sort_keys=True, indent=2) + "\n")
-    share = sum(len(order[i * max_samples:(i + 1) * max_samples]) for i in mine)
+    share = sum(len(planned(order, i, max_samples)) for i in mine)
     report_skipped(split_dir, share, sum(s.samples for s in written))
     progress.unlink(missing_ok=True)
     return written

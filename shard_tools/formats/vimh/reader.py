@@ -9,21 +9,22 @@ sample's class is the step nearest its real value.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import ConversionError, SchemaError
-from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
-from shard_tools import __version__
-from shard_tools.converters import BLOCK_BYTES, SampleBlock, blocks_of
-from shard_tools.converters.vimh_files import VimhSplit, load_binary, load_pickle
+from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
+from shard_tools.formats.base import BLOCK_BYTES, SampleBlock, blocks_of
+from shard_tools.formats.dataset_info import DatasetInfo, Dims, head_description, head_name, read_dataset_info
+from shard_tools.formats.mh_pickles import MultiheadSplit, load_pickle
+from shard_tools.formats.vimh.binary import load_binary
+from shard_tools.version import CONVERTER_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +32,6 @@ NAME = "vimh"
 METADATA_FILE = "vimh_dataset_info.json"
 SPLIT_FILES = {"train": ("train_batch", "train"), "test": ("test_batch", "test")}
 _DIR_DIMS = re.compile(r"vimh-(\d+)x(\d+)x(\d+)")
-_JSON_DIMS = re.compile(r"^(\d+)x(\d+)x(\d+)$")
-Dims = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class VimhMetadata:
-    """What ``vimh_dataset_info.json`` says, normalized across its versions."""
-
-    path: Path | None
-    version: str = ""
-    dataset_name: str = ""
-    dims: Dims | None = None
-    parameter_names: tuple[str, ...] = ()
-    mappings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    fixed: tuple[FixedParameter, ...] = ()
-    counts: Mapping[str, int] = field(default_factory=dict)
-    header_hint: int | None = None
 
 
 def _check_dir(src: Path) -> Path:
@@ -58,57 +42,13 @@ def _check_dir(src: Path) -> Path:
     return src
 
 
-def read_metadata(src: Path, filename: str = METADATA_FILE) -> VimhMetadata:
-    """``src/filename`` (VIMH's JSON, or a format's that shares its keys), normalized."""
-    path = _check_dir(src) / filename
-    if not path.exists():
-        log.warning("%s: missing; using defaults (heads named param_<id>, range 0..1, 256 "
-                    "classes; image dimensions from the directory name and data)", path)
-        return VimhMetadata(path=None)
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: expected JSON, found corrupt text ({e})") from e
-    if not isinstance(info, dict):
-        raise ConversionError(f"{path}: expected a JSON object, found {type(info).__name__}")
-    return VimhMetadata(
-        path=path, version=str(info.get("version", "")),
-        dataset_name=str(info.get("dataset_name", "")), dims=_json_dims(path, info),
-        parameter_names=tuple(str(n) for n in info.get("parameter_names", [])),
-        mappings=_dict_field(path, info, "parameter_mappings"),
-        fixed=tuple(_fixed(k, v) for k, v in _dict_field(path, info, "fixed_parameters").items()),
-        counts={s: int(info[k]) for s in SPLIT_FILES for k in (f"{s}_samples", f"num_{s}_samples")
-                if isinstance(info.get(k), int)},
-        header_hint=_header_hint(info.get("label_encoding")))
-
-
-def _dict_field(path: Path, info: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = info.get(key) or {}
-    if not isinstance(value, dict):
-        raise ConversionError(f"{path}: {key} expected an object, found {type(value).__name__}")
-    return value
-
-
-def _json_dims(path: Path, info: Mapping[str, Any]) -> Dims | None:
-    if all(isinstance(info.get(k), int) for k in ("height", "width", "channels")):
-        return (info["height"], info["width"], info["channels"])
-    match = _JSON_DIMS.match(str(info.get("image_size", "")))
-    return (int(match[1]), int(match[2]), int(match[3])) if match else None
-
-
-def _header_hint(encoding: Any) -> int | None:
-    """Record header size the JSON declares: 14 (dims + scale factors) or 6 (dims only)."""
-    size = encoding.get("metadata_bytes") if isinstance(encoding, dict) else None
-    return {14: 14, 6: 6, 3: 6}.get(size) if isinstance(size, int) else None
-
-
-def _fixed(name: str, value: Any) -> FixedParameter:
-    if isinstance(value, dict) and "value" in value:
-        return FixedParameter(name, value["value"], str(value.get("description", "")))
-    return FixedParameter(name, value)
+def read_metadata(src: Path) -> DatasetInfo:
+    """``vimh_dataset_info.json`` of a VIMH directory (defaults when it is missing)."""
+    return read_dataset_info(_check_dir(src), METADATA_FILE)
 
 
 def splits(src: Path) -> tuple[str, ...]:
+    """``train`` and/or ``test``, whichever has a pickle or a binary file."""
     found = tuple(s for s, files in SPLIT_FILES.items()
                   if any((_check_dir(src) / f).is_file() for f in files))
     if not found:
@@ -117,7 +57,7 @@ def splits(src: Path) -> tuple[str, ...]:
     return found
 
 
-def _load(src: Path, split: str) -> VimhSplit:
+def _load(src: Path, split: str) -> MultiheadSplit:
     if split not in SPLIT_FILES:
         raise ConversionError(f"{src}: unknown split {split!r}; VIMH has {list(SPLIT_FILES)}")
     pickled, binary = (_check_dir(src) / f for f in SPLIT_FILES[split])
@@ -134,7 +74,7 @@ def _load(src: Path, split: str) -> VimhSplit:
     return data
 
 
-def _dims(src: Path, meta: VimhMetadata, data: VimhSplit) -> Dims:
+def _dims(src: Path, meta: DatasetInfo, data: MultiheadSplit) -> Dims:
     """Dimensions on which directory name, JSON and data agree."""
     match = _DIR_DIMS.search(src.name)
     sources = {f"directory name {src.name!r}": (int(match[1]), int(match[2]), int(match[3]))
@@ -154,29 +94,7 @@ def _dims(src: Path, meta: VimhMetadata, data: VimhSplit) -> Dims:
     return dims
 
 
-def head_name(meta: VimhMetadata, param_id: int, path: Path) -> tuple[str, str]:
-    """Parameter ``param_id``'s name in the source and the head name made from it
-    (``param_<id>`` beyond ``parameter_names``, ``_`` for non-identifier characters)."""
-    if param_id < len(meta.parameter_names):
-        raw_name = meta.parameter_names[param_id]
-    else:
-        raw_name = f"param_{param_id}"
-        log.warning("%s: parameter id %d is beyond parameter_names %s; naming it %s",
-                    path, param_id, list(meta.parameter_names), raw_name)
-    name = re.sub(r"\W", "_", raw_name)
-    if name != raw_name:
-        log.warning("%s: parameter name %r is not an identifier; the head is named %r", path, raw_name, name)
-    return raw_name, name
-
-
-def head_description(raw_name: str, name: str, mapping: Mapping[str, Any]) -> str:
-    """The mapping's description, or the source name; the source name is kept in it when
-    the head was renamed."""
-    description = str(mapping.get("description", "")) or raw_name
-    return description if name == raw_name or raw_name in description else f"{raw_name}: {description}"
-
-
-def _head(meta: VimhMetadata, param_id: int, path: Path) -> Head:
+def _head(meta: DatasetInfo, param_id: int, path: Path) -> Head:
     raw_name, name = head_name(meta, param_id, path)
     mapping = meta.mappings.get(raw_name)
     if mapping is None:
@@ -205,7 +123,7 @@ def read_schema(src: Path, split: str) -> DatasetSchema:
             image=ImageSpec(height=h, width=w, channels=c, encoding="raw", layout="CHW"),
             heads=heads, fixed_parameters=meta.fixed,
             provenance=Provenance(source_format=f"vimh-{data.variant}", source_version=meta.version,
-                                  source_name=src.name, converter_version=__version__))
+                                  source_name=src.name, converter_version=CONVERTER_VERSION))
     except SchemaError as e:
         raise ConversionError(f"{src}: {e}") from e
 
@@ -224,3 +142,28 @@ def iter_blocks(src: Path, split: str,
     for rows in blocks_of(order, BLOCK_BYTES // max(1, data.images.shape[1])):
         extra = {} if data.scale_factors is None else {"scale_factors": data.scale_factors[rows]}
         yield SampleBlock(indices=rows, images=data.images[rows], labels=values[rows], extra=extra)
+
+
+@dataclass(frozen=True)
+class VimhFormat:
+    """The VIMH format (it takes no options)."""
+
+    @property
+    def name(self) -> str:
+        return NAME
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return {}
+
+    def splits(self, src: Path) -> tuple[str, ...]:
+        return splits(src)
+
+    def read_schema(self, src: Path, split: str) -> DatasetSchema:
+        return read_schema(src, split)
+
+    def count_samples(self, src: Path, split: str) -> int:
+        return count_samples(src, split)
+
+    def iter_blocks(self, src: Path, split: str, indices: Sequence[int] | None = None) -> Iterator[SampleBlock]:
+        return iter_blocks(src, split, indices)

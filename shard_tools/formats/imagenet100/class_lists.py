@@ -1,5 +1,5 @@
 """ImageNet class lists: the CMC and H-JEPA lists of 100 classes shipped with the package
-(``shard_tools/imagenet100/<name>.txt``), or a user's file, one wnid per line with an
+(``shard_tools/formats/imagenet100/<name>.txt``), or a user's file, one wnid per line with an
 optional name after it."""
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def parse_class_list(text: str, where: str, source: str) -> ClassList:
 
 @functools.cache
 def builtin_class_list(name: str) -> ClassList:
-    """A class list shipped with the package (``shard_tools/imagenet100/<name>.txt``)."""
-    text = resources.files("shard_tools").joinpath("imagenet100", f"{name}.txt").read_text("utf-8")
+    """A class list shipped with the package (``shard_tools/formats/imagenet100/<name>.txt``)."""
+    text = resources.files("shard_tools.formats.imagenet100").joinpath(f"{name}.txt").read_text("utf-8")
     return parse_class_list(text, f"the built-in {name} class list", name)
 
 

@@ -1,11 +1,15 @@
-"""Readers for the two VIMH split files: the pickle variant and the binary variant.
+"""Split files in VIMH's pickle layout, which CIFAR-100-MH shares (VIMH's binary variant
+is :mod:`shard_tools.formats.vimh.binary`): a dict with ``data`` (one row of planar CHW
+pixels per sample) and per-sample label lists ``[n, id, value, id, value, ...]``.
 
-Both give a :class:`VimhSplit`: pixels as planar CHW bytes, each sample's
-``(param_id, quantized value)`` pairs, and optional per-sample scale factors. Formats that
-share VIMH's pickle layout (CIFAR-100-MH) read it with their own :class:`PickleKind`. Valid
-input is parsed with numpy, all samples at once: label lists of one length are checked
-as one array (a bad one is then found by walking them, so its error names it), and
-binary records, which all have record 0's size, are located by arithmetic.
+Every reader gives a :class:`MultiheadSplit`: pixels, each sample's ``(param_id, value)``
+pairs as one array, and optional per-sample scale factors. Valid input is parsed with
+numpy, all samples at once: label lists of one length are checked as one array (a bad one
+is then found by walking them, so its error names it).
+
+Source files are hostile until checked: they are unpickled by :class:`SafeUnpickler`,
+which builds only plain containers, numbers, strings and numpy arrays, so a crafted
+pickle cannot run code.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import gc
 import mmap
 import os
 import pickle
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +26,33 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConversionError
-from shard_tools.converters.file_cache import latest_per_file
+from shard_tools.formats.file_cache import latest_per_file
 
-DIMS = struct.Struct("<HHH")
-HEADER_SIZES = (14, 6)  # dims + two float32 scale factors (v2+), or dims only (older files)
+# the globals a pickle of dicts, lists and numpy arrays refers to (numpy 1 and 2 names)
+_PLAIN = ("object", "bytes", "bytearray", "str", "int", "float", "complex", "bool", "list", "tuple", "dict", "set",
+          "frozenset")
+SAFE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"), ("copy_reg", "_reconstructor"),
+    ("copyreg", "_reconstructor"), *((module, name) for module in ("builtins", "__builtin__") for name in _PLAIN),
+})
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: any other global a pickle names (a
+    function to call, a class to build) is refused, so a crafted source file cannot run
+    code (``copyreg._reconstructor`` can build only classes this list allows)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a source pickle may hold only plain "
+                                     "data and numpy arrays")
 
 
 @dataclass(frozen=True)
-class VimhSplit:
+class MultiheadSplit:
     """One decoded split file. ``ids`` are the parameter ids every sample carries (in
     file order), ``values[i, j]`` the quantized value of ``ids[j]`` for sample ``i``."""
 
@@ -155,20 +177,20 @@ def read_pickle(path: Path, what: str = "VIMH", encoding: str = "latin1") -> obj
             try:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except OSError:  # a file system that cannot map files: read it
-                return pickle.load(f, encoding=encoding)  # source files are the user's own data
+                return SafeUnpickler(f, encoding=encoding).load()
             with mapped:
-                return pickle.loads(mapped, encoding=encoding)
+                return SafeUnpickler(mapped, encoding=encoding).load()  # type: ignore[arg-type]
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
         raise ConversionError(f"{path}: expected a {what} pickle, found a truncated or corrupt "
                               f"file ({type(e).__name__}: {e})") from e
 
 
-def load_pickle(path: Path, kind: PickleKind = VIMH_PICKLE) -> VimhSplit:
+def load_pickle(path: Path, kind: PickleKind = VIMH_PICKLE) -> MultiheadSplit:
     return _load_pickle(stat_key(path), kind)
 
 
 @latest_per_file(lambda key, kind: (key[0], kind))
-def _load_pickle(key: tuple[str, int, int], kind: PickleKind) -> VimhSplit:
+def _load_pickle(key: tuple[str, int, int], kind: PickleKind) -> MultiheadSplit:
     path, labels_key = Path(key[0]), kind.label_keys[0]
     batch = read_pickle(path, kind.what)
     if not isinstance(batch, dict) or "data" not in batch:
@@ -188,78 +210,7 @@ def _load_pickle(key: tuple[str, int, int], kind: PickleKind) -> VimhSplit:
     dims = tuple(int(batch[k]) for k in ("height", "width", "channels")) if all(
         k in batch for k in ("height", "width", "channels")) else None
     scales = batch.get("scale_factors")
-    return VimhSplit(path, "pickle", dims, ids, values,  # type: ignore[arg-type]
+    return MultiheadSplit(path, "pickle", dims, ids, values,  # type: ignore[arg-type]
                      None if scales is None else np.asarray(scales, dtype=np.float32), data)
 
 
-def load_binary(path: Path, header_hint: int | None) -> VimhSplit:
-    return _load_binary(stat_key(path), header_hint)
-
-
-@latest_per_file(lambda key, hint: (key[0], hint))
-def _load_binary(key: tuple[str, int, int], header_hint: int | None) -> VimhSplit:
-    path = Path(key[0])
-    with open(path, "rb") as f:
-        if key[2] == 0:
-            raise ConversionError(f"{path}: empty file, expected VIMH binary records")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    header_size, count, size = _detect_layout(path, buf, header_hint)
-    dims, n_params = DIMS.unpack_from(buf, 0), buf[header_size]
-    records = np.frombuffer(buf, dtype=np.uint8, count=count * size).reshape(count, size)
-    pixels_at = header_size + 1 + 2 * n_params
-    ids, values = parse_label_lists(path, records[:, header_size:pixels_at])
-    scales = None
-    if header_size == 14:
-        scales = np.ascontiguousarray(records[:, 6:14]).view("<f4").astype(np.float32)
-    variant = "binary" if header_size == 14 else "binary-v1"
-    return VimhSplit(path, variant, dims, ids, values, scales, records[:, pixels_at:])
-
-
-Walk = tuple[int, int, str | None]  # whole records, record size, why the walk stopped early
-
-
-def _walk(buf: mmap.mmap, header_size: int) -> Walk:
-    """Records under one header-size hypothesis. Every record must have record 0's dims
-    and N, hence its size, so records are checked all at once; the first that is not
-    (or a cut-short tail) ends the walk with the reason."""
-    end = len(buf)
-    if header_size + 1 > end:
-        return 0, 0, "truncated record 0 at byte 0: header cut short"
-    dims, n = DIMS.unpack_from(buf, 0), buf[header_size]
-    size = header_size + 1 + 2 * n + dims[0] * dims[1] * dims[2]
-    records = np.frombuffer(buf, dtype=np.uint8, count=end // size * size).reshape(-1, size)
-    differ = (records[:, :DIMS.size] != records[:1, :DIMS.size]).any(axis=1) | (records[:, header_size] != n)
-    count = int(np.argmax(differ)) if differ.any() else len(records)
-    off = count * size
-    if off == end:
-        return count, size, None
-    if off + header_size + 1 > end:
-        return count, size, f"truncated record {count} at byte {off}: header cut short"
-    found = (DIMS.unpack_from(buf, off), buf[off + header_size])
-    if found != (dims, n):
-        return count, size, (f"record {count} at byte {off}: dims {found[0]} N={found[1]} differ "
-                             f"from record 0's dims {dims} N={n}")
-    return count, size, (f"truncated trailing record {count} at byte {off}: expected {size} bytes, "
-                         f"found {end - off}")
-
-
-def _detect_layout(path: Path, buf: mmap.mmap, hint: int | None) -> tuple[int, int, int]:
-    """Which record header (14 or 6 bytes) the file uses: the one whose records tile the
-    file exactly. Ambiguity is settled by the JSON hint or is an error, never a guess.
-    Returns the header size, the record count and the record size."""
-    walks = {hs: _walk(buf, hs) for hs in HEADER_SIZES}
-    clean = [hs for hs, (_, _, err) in walks.items() if err is None]
-    if len(clean) == 2 and hint is not None and hint in clean:
-        clean = [hint]
-    if len(clean) == 1:
-        return clean[0], walks[clean[0]][0], walks[clean[0]][1]
-    if len(clean) == 2:
-        raise ConversionError(f"{path}: records parse both with a 14-byte header (dims + scale "
-                              "factors) and a 6-byte header (dims only); set "
-                              "label_encoding.metadata_bytes in vimh_dataset_info.json to 14 or 6")
-    best = max(HEADER_SIZES, key=lambda hs: (walks[hs][0], hs == hint))
-    count, _, err = walks[best]
-    if not count:
-        raise ConversionError(f"{path}: not a VIMH binary file: no record parses with a 14- or "
-                              f"6-byte header ({walks[14][2]}; {walks[6][2]})")
-    raise ConversionError(f"{path}: {err} (with a {best}-byte record header)")

@@ -243,7 +243,7 @@ def test_a_datamodule_keeps_each_sources_transform_for_evaluation(roots, tmp_pat
                            epoch_samples=32, batch_size=8, num_workers=0)
     assert (module.input_image.height, module.input_image.width) == (16, 16)  # found, no image_size needed
     for stage in ("val", "test"):
-        for images, labels in module._eval_loader(stage):
+        for images, labels in module.eval_dataloader(stage):
             expected = torch.tensor([(10, 200)[s] for s in labels["dataset"].tolist()], dtype=torch.uint8)
             assert torch.equal(images[:, 0, 0, 0], expected)
 

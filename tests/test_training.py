@@ -106,6 +106,35 @@ def test_checkpoint_from_other_heads_fails_before_training(tmp_path: Path, data_
         train(other)
 
 
+def test_resuming_and_testing_read_checkpoints_weights_only(tmp_path: Path, data_roots, monkeypatch) -> None:
+    """Every checkpoint a run reads (its own check of a resumed checkpoint, Lightning's
+    restore in fit and test) is read with torch.load(weights_only=True): no code runs."""
+    fast = ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1", f"data.train={data_roots['vimh']}"]
+    train(config(tmp_path, "trainer.max_epochs=1", "test=false", *fast))
+    real_load, calls = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    train(config(tmp_path, "trainer.max_epochs=2", "test=true", f"ckpt_path={tmp_path / 'out/checkpoints/last.ckpt'}",
+                 *fast))
+    assert len(calls) >= 3 and all(w is True for w in calls), calls
+
+
+def test_rich_progress_bar_is_a_callbacks_choice(tmp_path: Path, data_roots) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    from training.train import instantiate_all
+
+    cfg = config(tmp_path, f"data.train={data_roots['vimh']}", "callbacks=[default,rich_progress_bar]",
+                 "trainer.enable_progress_bar=true", "trainer.fast_dev_run=true", "data.batch_size=8")
+    kinds = {type(c) for c in instantiate_all(cfg.callbacks)}
+    assert {RichProgressBar, ModelCheckpoint} <= kinds
+    assert "val/note_number_acc" in train(cfg)
+
+
 def test_evaluate_writes_metrics_and_confusion_matrices(tmp_path: Path, data_roots) -> None:
     from training.evaluate import evaluate
 
@@ -262,12 +291,16 @@ def test_evaluate_a_mix_checkpoint_counts_each_heads_own_samples(tmp_path: Path,
     from training.evaluate import evaluate
 
     sources = mix_sources(("v", data_roots["vimh"], 0.5), ("c", data_roots["cifar100mh"], 0.5))
-    common = ["experiment=mix_vimh_cifar100mh", sources, "data.image_size=32"]
-    train(config(tmp_path, *common, "trainer.max_epochs=1", "test=false"))
-    summary = evaluate(config(tmp_path, *common, f"ckpt_path={tmp_path / 'out/checkpoints/last.ckpt'}",
-                              name="eval"))
+    train(config(tmp_path, "experiment=mix_vimh_cifar100mh", sources, "data.image_size=32", "trainer.max_epochs=1",
+                 "test=false"))
+    # the mix, its sources and the image size come from the checkpoint
+    summary = evaluate(config(tmp_path, f"ckpt_path={tmp_path / 'out/checkpoints/last.ckpt'}", name="eval"))
     samples = {head: entry["samples"] for head, entry in summary["heads"].items()}
     assert samples == {"note_number": 32, "note_velocity": 32, "fine": 48, "coarse": 48, "dataset": 80}
+    summary = evaluate(config(tmp_path, f"ckpt_path={tmp_path / 'out/checkpoints/last.ckpt'}", "split=train",
+                              name="eval"))  # each source's training split, every sample once
+    samples = {head: entry["samples"] for head, entry in summary["heads"].items()}
+    assert samples == {"note_number": 64, "note_velocity": 64, "fine": 48, "coarse": 48, "dataset": 112}
 
 
 def test_ddp_training_on_a_mix_splits_every_source_across_ranks(tmp_path: Path, data_roots) -> None:

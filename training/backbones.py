@@ -15,7 +15,7 @@ from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pipeline.schema import ImageSpec
+from pipeline import ImageSpec
 
 
 class Backbone(nn.Module):

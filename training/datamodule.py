@@ -14,11 +14,9 @@ from typing import Any
 
 import lightning as L
 
-from pipeline import make_loader, read_schema
+from pipeline import DatasetSchema, ImageSpec, SchemaError, make_loader, read_schema
 from pipeline.batching import Transform
-from pipeline.errors import SchemaError
 from pipeline.loader import ShardLoader
-from pipeline.schema import DatasetSchema, ImageSpec
 
 log = logging.getLogger(__name__)
 Source = str | Sequence[str]
@@ -142,17 +140,21 @@ class MultiheadDataModule(L.LightningDataModule):
             self._resume = None
         return LightningLoader(loader)
 
-    def _eval_loader(self, stage: str) -> LightningLoader:
+    def eval_dataloader(self, stage: str) -> LightningLoader:
+        """The split of ``stage`` (``train``, ``val`` or ``test``) for evaluation: every sample
+        once, in order, with the eval transform; its heads must be the training split's."""
+        if stage not in self.sources:
+            raise SchemaError(f"stage: expected one of {sorted(self.sources)}, found {stage!r}")
         self.check_split(stage)
         source, split = self.sources[stage]
         return LightningLoader(make_loader(source, split=split, batch_size=self.eval_batch_size, shuffle=False,
                                            uneven="pad", transform=self.eval_transform, **self.options))
 
     def val_dataloader(self) -> LightningLoader:
-        return self._eval_loader("val")
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> LightningLoader:
-        return self._eval_loader("test")
+        return self.eval_dataloader("test")
 
     def state_dict(self) -> dict[str, Any]:
         """Where the train loader is: the epoch and how many of its batches were trained."""

@@ -1,105 +1,131 @@
-"""``python -m training.evaluate ckpt_path=... [experiment=...] [split=test]``: per-head metrics on
-a split, a confusion-matrix PNG per head and a JSON summary in the run directory."""
+"""``evaluate ckpt_path=... [split=test|val|train] [data.train=...]`` (also ``python -m
+training.evaluate``): evaluates a checkpoint through Lightning's ``trainer.test`` and writes
+a confusion-matrix PNG per head and ``metrics.json`` into the run directory.
+
+Everything is rebuilt from what the run saved in the checkpoint: the model (backbone
+included) from its model config and input image, the datamodule (data location, splits,
+decode settings) from its data config; ``data.*`` keys given on the command line replace
+the run's values. The checkpoint is read once, with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
-import matplotlib
-import numpy as np
-import torch
+import lightning as L
 from omegaconf import DictConfig
 
-from pipeline.batching import value_key
-from pipeline.errors import PipelineError
+from pipeline import DatasetSchema, ImageSpec, PipelineError, SchemaError
+from training.checkpoints import checkpoint_config, checkpoint_image, checkpoint_schema, load_checkpoint
+from training.confusion import ConfusionMatrices, plot_confusion
 from training.module import MultiheadModule, check_same_heads
-from training.train import checkpoint_schema, instantiate
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from training.notices import quiet_library_notices
+from training.run_config import eval_data_config, eval_model_config
+from training.train import CONFIG_PATH, instantiate, instantiate_all
 
 log = logging.getLogger(__name__)
+SPLITS = ("test", "val", "train")
 
 
-def predict(model: MultiheadModule, batches: Any) -> dict[str, dict[str, np.ndarray]]:
-    """Per head: predicted and true classes (and real values for quantized heads)."""
-    out: dict[str, dict[str, list[np.ndarray]]] = {h: {"pred": [], "true": [], "pred_value": [], "true_value": []}
-                                                   for h in model.schema.head_names}
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            images, labels = batch[0], batch[1]
-            outputs = model(images)
-            for name, head in model.heads.items():
-                classes, values = head.predict(outputs[name])  # type: ignore[operator]
-                out[name]["pred"].append(classes.numpy())
-                out[name]["true"].append(labels[name].numpy())
-                if values is not None:
-                    out[name]["pred_value"].append(values.numpy())
-                    out[name]["true_value"].append(labels[value_key(name)].numpy())
-    return {h: {k: np.concatenate(v) for k, v in cols.items() if v} for h, cols in out.items()}
+def check_same_image(trained: ImageSpec | None, data: ImageSpec, path: str) -> ImageSpec:
+    """The images the model was trained on, which the data as configured must give."""
+    if trained is None:
+        return data
+    if (trained.height, trained.width, trained.channels) != (data.height, data.width, data.channels):
+        raise SchemaError(f"{path}: the model was trained on {trained.height}x{trained.width}x{trained.channels} "
+                          f"images, the data as configured gives {data.height}x{data.width}x{data.channels}: "
+                          "leave data.image_size to the checkpoint or set it to the training size")
+    return trained
 
 
-def confusion(pred: np.ndarray, true: np.ndarray, classes: int) -> np.ndarray:
-    keep = true >= 0
-    return np.bincount(true[keep] * classes + pred[keep], minlength=classes * classes).reshape(classes, classes)
+def load_weights(model: MultiheadModule, checkpoint: dict[str, Any], path: str) -> None:
+    """The checkpoint's weights into ``model``; PipelineError if they do not fit it."""
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise PipelineError(f"{path}: the weights do not fit the model built from the run's model config: "
+                            f"{' '.join(str(e).split())[:600]}") from e
 
 
-def plot_confusion(matrix: np.ndarray, title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 5))
-    shown = ax.imshow(matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
-    ax.set(title=title, xlabel="predicted class", ylabel="true class")
-    fig.colorbar(shown, ax=ax, label="share of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    datamodule = instantiate(cfg.data)
-    schema = checkpoint_schema(cfg.ckpt_path)
+def rebuild(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> tuple[MultiheadModule, Any]:
+    """The run's model (with the checkpoint's weights) and datamodule, checked against each other."""
+    saved = checkpoint_config(checkpoint)
+    schema = checkpoint_schema(checkpoint, path)
+    model_config = eval_model_config(saved.get("model"), cfg.get("model"), path)
+    datamodule = instantiate(eval_data_config(saved.get("data"), cfg.data, path))
     check_same_heads(schema, datamodule.schema, "checkpoint")
-    model = instantiate(cfg.model, _partial_=True)(schema=schema, image=datamodule.input_image)
-    model.load_state_dict(torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
-    loaders = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
-               "test": datamodule.test_dataloader}
-    if cfg.split not in loaders:
-        raise PipelineError(f"split: expected one of {sorted(loaders)}, found {cfg.split!r}")
-    results = predict(model, loaders[cfg.split]())
-    out_dir = Path(cfg.paths.output_dir)
+    image = check_same_image(checkpoint_image(checkpoint), datamodule.input_image, path)
+    model = instantiate(model_config, _partial_=True)(schema=schema, image=image, config=saved)
+    load_weights(model, checkpoint, path)
+    return model, datamodule
+
+
+def summarize(schema: DatasetSchema, results: Mapping[str, float], counts: dict[str, Any], cfg: DictConfig,
+              out_dir: Path | None) -> dict[str, Any]:
+    """metrics.json's content; writes a confusion-matrix PNG per head into ``out_dir`` (None: on
+    processes other than the first of a multi-process run)."""
     summary: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "split": cfg.split, "dataset": schema.name,
-                               "heads": {}}
+                               "metrics": dict(sorted(results.items())), "heads": {}}
     for head in schema.heads:
-        r = results[head.name]
-        keep = r["true"] >= 0
-        entry = {"samples": int(keep.sum()), "accuracy": float((r["pred"][keep] == r["true"][keep]).mean())}
-        if "pred_value" in r:
-            entry["mae"] = float(np.abs(r["pred_value"][keep] - r["true_value"][keep]).mean())
-        matrix = confusion(r["pred"], r["true"], head.num_classes)
-        png = out_dir / f"confusion_{head.name}.png"
-        plot_confusion(matrix, f"{schema.name}: {head.name} ({cfg.split})", png)
-        entry["confusion_png"] = png.name
+        matrix = counts[head.name]
+        samples = int(matrix.sum())
+        accuracy = float(matrix.trace()) / samples if samples else float("nan")
+        entry: dict[str, Any] = {"samples": samples, "accuracy": results.get(f"test/{head.name}_acc", accuracy)}
+        if f"test/{head.name}_mae" in results:
+            entry["mae"] = results[f"test/{head.name}_mae"]
+        entry["confusion_png"] = f"confusion_{head.name}.png"
+        if out_dir is not None:
+            plot_confusion(matrix, head, f"{schema.name}: {head.name} ({cfg.split}, {samples} samples)",
+                           out_dir / entry["confusion_png"])
         summary["heads"][head.name] = entry
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for name, entry in summary["heads"].items():
-        extra = f"  mae {entry['mae']:.4f}" if "mae" in entry else ""
-        print(f"{name:<24} acc {entry['accuracy']:.4f}{extra}  ({entry['samples']} samples)")
-    print(f"summary -> {out_dir / 'metrics.json'}")
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluates ``cfg.ckpt_path`` on ``cfg.split``; returns (and writes) the summary."""
+    if cfg.split not in SPLITS:
+        raise PipelineError(f"split: expected one of {list(SPLITS)}, found {cfg.split!r}")
+    path = str(cfg.ckpt_path)
+    checkpoint = load_checkpoint(path)
+    model, datamodule = rebuild(cfg, checkpoint, path)
+    loader = datamodule.eval_dataloader(cfg.split)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    confusion = ConfusionMatrices(model.schema)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*instantiate_all(cfg.get("callbacks")), confusion],
+                                     logger=False)
+    results = trainer.test(model, dataloaders=loader, verbose=False)[0]
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(model.schema, results, confusion.counts, cfg, out_dir if trainer.is_global_zero else None)
+    if trainer.is_global_zero:
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def report(summary: dict[str, Any]) -> str:
+    lines = []
+    for name, entry in summary["heads"].items():
+        extra = f"  mae {entry['mae']:.4f}" if "mae" in entry else ""
+        lines.append(f"{name:<24} acc {entry['accuracy']:.4f}{extra}  ({entry['samples']} samples)")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    quiet_library_notices()
     try:
-        evaluate(cfg)
+        summary = evaluate(cfg)
     except PipelineError as e:
         log.error("%s", e)
         sys.exit(2)
+    print(report(summary))
+    print(f"summary -> {Path(cfg.paths.output_dir) / 'metrics.json'}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import SchemaError
-from pipeline.schema import Head
+from pipeline import Head, SchemaError
 
 QUANTIZED_LOSSES = ("ce", "ordinal", "regression")
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import lightning as L
 
+from pipeline import DatasetSchema, ImageSpec, SchemaError
 from pipeline.batching import Transform
 from pipeline.loader import ShardLoader, default_world
 from pipeline.mix_loader import MixSource, mix
-from pipeline.schema import DatasetSchema, ImageSpec
 from training.datamodule import LightningLoader, MultiheadDataModule
 
 EVAL_KEYS = ("val_split", "test_split")
@@ -64,9 +64,9 @@ class MixDataModule(MultiheadDataModule):
                    transform=self.train_transform if train else self.eval_transform, **self.options)
 
     def _eval_sources(self, stage: str) -> list[MixSource]:
-        """Each source's ``stage`` split, every sample once (``repeat=1``)."""
-        return [MixSource(s.source, split=splits[f"{stage}_split"], repeat=1.0, name=name,
-                          storage_options=s.storage_options, transform=s.transform)
+        """Each source's ``stage`` split (``train``: its training split), every sample once (``repeat=1``)."""
+        return [MixSource(s.source, split=s.split if stage == "train" else splits[f"{stage}_split"], repeat=1.0,
+                          name=name, storage_options=s.storage_options, transform=s.transform)
                 for s, splits, name in zip(self.train_sources, self.eval_splits,
                                            self.schema.head("dataset").class_names, strict=True)]
 
@@ -84,7 +84,10 @@ class MixDataModule(MultiheadDataModule):
         self._train = built
         return self._resumed(built)
 
-    def _eval_loader(self, stage: str) -> LightningLoader:
+    def eval_dataloader(self, stage: str) -> LightningLoader:
+        """Every source's split of ``stage`` (``train``, ``val`` or ``test``), every sample once."""
+        if stage not in ("train", "val", "test"):
+            raise SchemaError(f"stage: expected one of ['test', 'train', 'val'], found {stage!r}")
         loader = self._mix(self._eval_sources(stage), train=False)
         self._same_heads(loader.schema, f"{stage} splits of the mix")
         return LightningLoader(loader)

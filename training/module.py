@@ -11,9 +11,8 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError
 from torchmetrics.classification import MulticlassAccuracy
 
+from pipeline import DatasetSchema, ImageSpec, SchemaError
 from pipeline.batching import value_key
-from pipeline.errors import SchemaError
-from pipeline.schema import DatasetSchema, ImageSpec
 from training.backbones import Backbone
 from training.losses import HeadLoss
 
@@ -35,12 +34,16 @@ def check_same_heads(model: DatasetSchema, data: DatasetSchema, what: str = "mod
 class MultiheadModule(L.LightningModule):
     """A backbone plus one head per schema head. ``backbone``, ``optimizer`` and ``scheduler``
     are factories (Hydra ``_partial_``): ``backbone(image=schema.image)``,
-    ``optimizer(params=...)``, ``scheduler(optimizer=...)``."""
+    ``optimizer(params=...)``, ``scheduler(optimizer=...)``. ``image``: what the backbone
+    sees (after the data's transforms; default the schema's). ``config``: the run's resolved
+    configs as plain data (``{"model": ..., "data": ...}``), saved with the hyperparameters
+    (as are the schema and ``image``) so that evaluation can rebuild the run from a checkpoint."""
 
     def __init__(self, schema: DatasetSchema | Mapping[str, Any], backbone: Callable[..., Backbone],
                  optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, loss_weights: Mapping[str, float] | None = None,
-                 quantized_loss: str = "ce", image: ImageSpec | None = None) -> None:
+                 quantized_loss: str = "ce", image: ImageSpec | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.schema = schema if isinstance(schema, DatasetSchema) else DatasetSchema.from_dict(schema)
         weights = dict(loss_weights or {})
@@ -48,9 +51,12 @@ class MultiheadModule(L.LightningModule):
         if unknown:
             raise SchemaError(f"loss_weights names heads {unknown} that dataset {self.schema.name!r} does not have; "
                               f"its heads: {list(self.schema.head_names)}")
+        image = image or self.schema.image
         self.save_hyperparameters({"schema": self.schema.to_dict(), "loss_weights": weights,
-                                   "quantized_loss": quantized_loss})
-        self.backbone = backbone(image=image or self.schema.image)  # image: after the data's transforms
+                                   "quantized_loss": quantized_loss, "config": dict(config or {}),
+                                   "image": {"height": image.height, "width": image.width,
+                                             "channels": image.channels}})
+        self.backbone = backbone(image=image)
         self.heads = nn.ModuleDict({h.name: HeadLoss(h, self.backbone.out_features, quantized_loss)
                                     for h in self.schema.heads})
         self.weights = {h.name: float(weights.get(h.name, 1.0)) for h in self.schema.heads}
@@ -72,13 +78,17 @@ class MultiheadModule(L.LightningModule):
         return {name: head.loss(outputs[name], labels[name], labels.get(value_key(name)))  # type: ignore[operator]
                 for name, head in self.heads.items()}
 
-    def _step(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]],
+              stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss and each head's predicted classes; updates and logs the stage's metrics."""
         images, labels = batch[0], batch[1]
         outputs = self(images)
         losses = self.losses(outputs, labels)
         total = sum(self.weights[name] * loss for name, loss in losses.items())
+        predicted = {}
         for name, head in self.heads.items():
             classes, values = head.predict(outputs[name])  # type: ignore[operator]
+            predicted[name] = classes
             self.accuracy[f"{stage}_{name}"].update(classes, labels[name])
             mask = labels[name] >= 0
             if values is not None and value_key(name) in labels and bool(mask.any()):
@@ -86,7 +96,7 @@ class MultiheadModule(L.LightningModule):
             self.log(f"{stage}/{name}_loss", losses[name], on_step=False, on_epoch=True, batch_size=len(images))
         self.log(f"{stage}/loss", total, on_step=stage == "train", on_epoch=True, prog_bar=True,  # type: ignore[arg-type]
                  batch_size=len(images))
-        return total  # type: ignore[return-value]
+        return total, predicted  # type: ignore[return-value]
 
     def _epoch_end(self, stage: str) -> None:
         accuracies = []
@@ -106,13 +116,16 @@ class MultiheadModule(L.LightningModule):
             self.log(f"{stage}/mean_acc", torch.stack(accuracies).mean(), prog_bar=stage != "train")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """The loss and, under ``classes``, each head's predicted classes (for callbacks such
+        as :class:`training.confusion.ConfusionMatrices`)."""
+        loss, predicted = self._step(batch, "test")
+        return {"loss": loss, "classes": predicted}
 
     def on_train_epoch_end(self) -> None:
         self._epoch_end("train")

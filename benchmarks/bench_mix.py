@@ -30,7 +30,7 @@ from benchmarks.common import DEFAULT_OUT, bar_chart, machine_info, write_result
 from benchmarks.peers import _wds_raw
 from benchmarks.workloads import Workload, make_jpeg256, make_raw32, write_litdata
 from pipeline import MixSource, make_loader, mix
-from pipeline.manifest import read_manifest
+from pipeline.io.reading import read_manifest
 
 PACKAGES = ("multihead-shards", "webdataset", "litdata", "torch", "numpy", "matplotlib")
 NAMES = ("a", "b", "c")

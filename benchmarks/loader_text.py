@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.loader_names import label
 from benchmarks.peers import FRESH, PEERS
 
 FRESH_PEERS = tuple(p.removesuffix(FRESH) for p in PEERS if p.endswith(FRESH))
@@ -75,7 +76,6 @@ def method(summary: dict[str, Any]) -> list[str]:
 
 
 def _raw_comments(summary: dict[str, Any]) -> list[str]:
-    from benchmarks.loader_report import label
 
     wl, target = summary["workloads"]["raw32"], summary["targets"]["raw32"]
     res, floor = wl["results"], wl["dataloader_floor"]["samples_per_s"]
@@ -112,7 +112,6 @@ def _raw_comments(summary: dict[str, Any]) -> list[str]:
 
 
 def _jpeg_comments(summary: dict[str, Any]) -> list[str]:
-    from benchmarks.loader_report import label
 
     wl, target, dl = summary["workloads"]["jpeg256"], summary["targets"]["jpeg256"], summary["decode_limit"]
     res, limit = wl["results"], dl["limit_samples_per_s"]

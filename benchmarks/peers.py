@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import decode_jpeg
 
 from benchmarks.workloads import Workload, vimh_classes
-from pipeline.manifest import read_manifest
+from pipeline.io.reading import read_manifest
 
 # np.frombuffer over bytes is read-only; the view is only read (collate copies it).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -73,7 +73,7 @@ def _pair(batch: Any) -> Batch:
 
 def ours(w: Workload, *, batch_size: int, workers: int, source: str | None = None,
          storage_options: dict[str, Any] | None = None) -> Iterable[Batch]:
-    from pipeline.api import make_loader
+    from pipeline.loading.make_loader import make_loader
 
     return make_loader(source or str(w.ours), split="train", batch_size=batch_size,
                        num_workers=workers, shuffle=True, seed=0, storage_options=storage_options)

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.labels import encode_labels
-from pipeline.manifest import read_manifest
-from pipeline.schema import DatasetSchema, Head, ImageSpec
+from pipeline.format.labels import encode_labels
+from pipeline.format.schema import DatasetSchema, Head, ImageSpec
+from pipeline.io.reading import read_manifest
 from shard_tools.conversion.plan import sample_order
 from shard_tools.convert import convert
 from shard_tools.formats.vimh.synthetic import generate_vimh

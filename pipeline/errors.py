@@ -31,6 +31,14 @@ class ConversionError(PipelineError):
     """A source dataset cannot be converted: missing, truncated or inconsistent input."""
 
 
+class ConfigError(PipelineError, ValueError):
+    """A setting is out of its range or names something that does not exist."""
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint is missing, unreadable, refused (it would run code) or not this project's."""
+
+
 QUOTE_LIMIT = 160  # characters of a found value shown in a message
 
 

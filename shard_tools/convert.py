@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConversionError
-from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.format.manifest import MANIFEST_NAME, Manifest
+from pipeline.io.reading import read_manifest
 from shard_tools.conversion.locks import LOCK, conversion_lock
 from shard_tools.conversion.nodes import check_node_settings, convert_share
 from shard_tools.conversion.plan import Limits, SourceSplit, SplitPlan, plan_split

@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.header import read_header
-from pipeline.labels import decode_labels
-from pipeline.readers import decode_image, iter_shard
-from pipeline.schema import DatasetSchema
-from pipeline.sources import ShardSet, resolve_shards
+from pipeline.format.labels import decode_labels
+from pipeline.format.schema import DatasetSchema
+from pipeline.io.reading import decode_image, iter_shard, read_header
+from pipeline.io.shard_sets import ShardSet, resolve_shards
 
 
 def summarize(source: str | Sequence[str], storage_options: dict[str, Any] | None = None

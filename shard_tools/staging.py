@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.manifest import ShardInfo
-from pipeline.schema import DatasetSchema
+from pipeline.format.manifest import ShardInfo
+from pipeline.format.schema import DatasetSchema
 
 log = logging.getLogger(__name__)
 

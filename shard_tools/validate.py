@@ -15,19 +15,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from fsspec.core import url_to_fs
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, ShardFormatError, quoted
-from pipeline.header import HEADER_MEMBER, parse_header_json
-from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
-from pipeline.labels import decode_labels, label_problems
-from pipeline.manifest import ShardInfo
-from pipeline.schema import DatasetSchema
-from pipeline.sources import ShardSet, resolve_shards
-from pipeline.storage import read_shard
-from pipeline.tar_members import BLOCK, Member, iter_members, member_key
+from pipeline.format.header import HEADER_MEMBER, parse_header_json
+from pipeline.format.label_columns import LABELS_MEMBER, decode_label_columns
+from pipeline.format.labels import decode_labels, label_problems
+from pipeline.format.manifest import ShardInfo
+from pipeline.format.schema import DatasetSchema
+from pipeline.format.tar_read import BLOCK, Member, iter_members, member_key
+from pipeline.io.shard_sets import ShardSet, resolve_shards
+from pipeline.io.storage import filesystem, read_shard
 
 LABELS_EXT = "labels.msgpack"
 
@@ -247,7 +246,7 @@ def _compare(info: ShardInfo, url: str, found: tuple[int, int, str], problems: l
 def _unlisted(shards: ShardSet, storage_options: dict[str, Any]) -> list[Problem]:
     if shards.listed_dir is None or shards.manifest is None:
         return []
-    fs, path = url_to_fs(shards.listed_dir, **storage_options)
+    fs, path = filesystem(shards.listed_dir, storage_options)
     listed = {s.name for s in shards.manifest.shards}
     return [Problem(p, None, f"shard not listed in {shards.manifest_url}")
             for p in sorted(fs.glob(path.rstrip("/") + "/*.tar")) if p.rsplit("/", 1)[-1] not in listed]

@@ -24,12 +24,11 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.errors import ConversionError
-from pipeline.header import HEADER_MEMBER, header_bytes
-from pipeline.label_columns import LABELS_MEMBER, Columns, encode_label_columns
-from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from pipeline.schema import DatasetSchema
-from pipeline.sources import STAGING_DIR
-from pipeline.tar_write import (
+from pipeline.format.header import HEADER_MEMBER, header_bytes
+from pipeline.format.label_columns import LABELS_MEMBER, Columns, encode_label_columns
+from pipeline.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from pipeline.format.schema import DatasetSchema
+from pipeline.format.tar_write import (
     BLOCK,
     RECORD,
     Member,
@@ -40,6 +39,7 @@ from pipeline.tar_write import (
     tar_member,
     tar_pieces,
 )
+from pipeline.io.shard_sets import STAGING_DIR
 from shard_tools import staging
 from shard_tools.hashing_file import HashingFile, WriteBehind
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.labels import encode_labels
-from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
+from pipeline.format.labels import encode_labels
+from pipeline.format.schema import DatasetSchema, Head, ImageSpec, Provenance
 from shard_tools.convert import convert
 from shard_tools.formats.vimh.synthetic import generate_vimh
 from shard_tools.writer import ShardWriter

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import make_loader
 from pipeline.errors import ConversionError
-from pipeline.readers import iter_shard
+from pipeline.io.reading import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
 from shard_tools.formats.cifar100mh import reader as cifar100mh

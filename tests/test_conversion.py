@@ -161,7 +161,7 @@ def test_parallel_resume_keeps_every_sound_shard(tmp_path: Path, source: Path) -
     from shard_tools.staging import PROGRESS, start_progress
 
     key = plan_split(SourceSplit(get_format("vimh"), source, "train"), shuffle=True, seed=0, limits=(100, None)).key
-    from pipeline.manifest import read_manifest
+    from pipeline.io.reading import read_manifest
 
     clean_shards = read_manifest(str(tmp_path / "clean" / "train" / "manifest.json")).shards
     start_progress(staging_dir / PROGRESS, key, clean_shards)
@@ -175,7 +175,7 @@ def test_parallel_resume_keeps_every_sound_shard(tmp_path: Path, source: Path) -
 
 def test_progress_record_ignores_a_line_cut_short(tmp_path: Path, caplog) -> None:
     """A kill in the middle of appending a shard's line loses that shard only."""
-    from pipeline.manifest import ShardInfo
+    from pipeline.format.manifest import ShardInfo
     from shard_tools.staging import append_progress, read_progress, start_progress
 
     path = tmp_path / "progress.jsonl"

@@ -10,7 +10,7 @@ import boto3
 import fsspec
 
 from pipeline import make_loader
-from pipeline.disk_cache import PARTIAL, cache_name, cached, evict
+from pipeline.io.disk_cache import PARTIAL, cache_name, cached, evict
 from shard_tools.convert import convert
 from shard_tools.formats.vimh.synthetic import generate_vimh
 

@@ -18,13 +18,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline import tario
-from pipeline.decoded import decode_shard
 from pipeline.errors import PipelineError
-from pipeline.header import HEADER_MEMBER, header_bytes, parse_header_json, read_header_from
-from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
-from pipeline.manifest import Manifest
-from pipeline.schema import DatasetSchema
+from pipeline.format import shard_index as tario
+from pipeline.format.header import HEADER_MEMBER, header_bytes, parse_header_json, read_header_from
+from pipeline.format.label_columns import LABELS_MEMBER, decode_label_columns
+from pipeline.format.manifest import Manifest
+from pipeline.format.schema import DatasetSchema
+from pipeline.loading.decoded import decode_shard
 from shard_tools.convert import convert
 from shard_tools.formats.vimh.synthetic import generate_vimh
 

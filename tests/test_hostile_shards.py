@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import make_loader
 from pipeline.errors import HeaderMismatchError, ManifestError, PipelineError, ShardFormatError
-from pipeline.tario import index_shard
+from pipeline.format.shard_index import index_shard
 from shard_tools.convert import convert
 from shard_tools.formats.vimh.synthetic import generate_vimh
 from shard_tools.validate import validate

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.errors import ConversionError
-from pipeline.labels import decode_labels
-from pipeline.readers import iter_shard
+from pipeline.format.labels import decode_labels
+from pipeline.io.reading import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
 from shard_tools.formats.imagenet100.class_lists import builtin_class_list

@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ShardFormatError
-from pipeline.labels import (
+from pipeline.format.labels import (
     EXTRA_KEY,
     MAX_TABLE,
     LabelEncoder,
@@ -18,7 +18,7 @@ from pipeline.labels import (
     label_problems,
     label_record,
 )
-from pipeline.schema import MAX_CLASSES, DatasetSchema, Head, ImageSpec, quantized_num_classes
+from pipeline.format.schema import MAX_CLASSES, DatasetSchema, Head, ImageSpec, quantized_num_classes
 
 SCHEMA = DatasetSchema(name="d", split="train", image=ImageSpec(4, 4, 1), heads=(
     Head.quantized("pitch", 40, 88, 4), Head.quantized("fine", -1, 1),

@@ -15,8 +15,8 @@ from PIL import Image
 
 from pipeline import make_loader
 from pipeline.errors import HeaderMismatchError, PipelineError, ShardFormatError
-from pipeline.label_columns import LABELS_MEMBER
-from pipeline.schema import DatasetSchema, Head, ImageSpec
+from pipeline.format.label_columns import LABELS_MEMBER
+from pipeline.format.schema import DatasetSchema, Head, ImageSpec
 from shard_tools.convert import convert
 from shard_tools.validate import validate
 from shard_tools.writer import ShardWriter

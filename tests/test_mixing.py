@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pipeline import MixSource, make_loader, mix
 from pipeline.errors import PipelineError, SchemaError
-from pipeline.mixing import apportion, split_counts
+from pipeline.mixing.plan import apportion, split_counts
 from shard_tools.convert import convert
 from shard_tools.formats.cifar100mh.synthetic import generate_cifar100, generate_cifar100mh
 from shard_tools.formats.vimh.synthetic import generate_vimh
@@ -225,14 +225,6 @@ def test_each_source_has_its_own_transform_before_the_mixs(roots, tmp_path: Path
     assert seen == {0: 16, 1: 16, 2: 16}
 
 
-def test_source_transforms_must_match_the_sources(roots) -> None:
-    from pipeline.batching import BatchAssembler
-
-    schema = mix(sources(roots), batch_size=8, num_workers=0).schema
-    with pytest.raises(PipelineError, match=r"source_transforms: expected one per source \(3\), found 1"):
-        BatchAssembler(schema, inputs=[schema] * 3, source_transforms=[plus_one])
-
-
 def test_a_datamodule_keeps_each_sources_transform_for_evaluation(roots, tmp_path: Path) -> None:
     from training.mix_datamodule import MixDataModule
 
@@ -312,7 +304,7 @@ def test_realized_counts_are_logged_when_a_trainer_stops_after_len_batches(roots
     import logging
 
     loader = mix(sources(roots), batch_size=32, epoch_samples=1000, num_workers=0)
-    with caplog.at_level(logging.INFO, logger="pipeline.loader"):
+    with caplog.at_level(logging.INFO, logger="pipeline.loading.loader"):
         list(itertools.islice(iter(loader), len(loader)))
     assert loader.realized == {"big": 600, "mid": 300, "small": 100}
     assert "mix epoch 0 rank 0 realized proportions: big 0.6000 (600/1000, target 0.6000)" in caplog.text
@@ -338,7 +330,7 @@ def test_pad_gives_every_sample_at_least_once_on_every_rank_split(roots) -> None
 def test_zero_weights(roots) -> None:
     specs = [MixSource(str(roots["mid"]), choose=20, name="mid"), MixSource(str(roots["small"]), weight=0, name="s")]
     loader = mix(specs, batch_size=8, epoch_samples=20, num_workers=0)
-    assert loader.stream.config.mix.targets == (20, 0)
+    assert loader.stream.config.planner.targets == (20, 0)
     with pytest.raises(PipelineError, match=r"mix: 30 samples of the epoch are left for the weighted sources, but "
                                             r"their weights are all 0"):
         mix(specs, batch_size=8, epoch_samples=50, num_workers=0)
@@ -361,14 +353,14 @@ def test_skip_mode_keeps_each_sources_count_when_a_shard_is_short(roots, tmp_pat
 def test_datamodule_plans_for_the_process_group_that_fit_starts(roots, monkeypatch) -> None:
     """The datamodule is built before Lightning starts DDP; its train loader must not keep
     the single-process plan."""
-    import pipeline.mix_loader
-    import training.mix_datamodule
+    import pipeline.loading.make_loader
+    import training.shard_datamodule
     from training.mix_datamodule import MixDataModule
 
     module = MixDataModule([{"source": str(roots["mid"]), "weight": 0.5, "name": "mid"},
                             {"source": str(roots["small"]), "weight": 0.5, "name": "small"}],
                            epoch_samples=200, batch_size=10, num_workers=0)
-    for where in (training.mix_datamodule, pipeline.mix_loader):
+    for where in (training.shard_datamodule, pipeline.loading.make_loader):
         monkeypatch.setattr(where, "default_world", lambda: (2, 1))
     config = module.train_dataloader().loader.stream.config
     assert (config.world_size, config.rank) == (2, 1) and len(module.train_dataloader()) == 10

@@ -13,7 +13,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline import make_loader
 from pipeline.errors import ShardFormatError
-from pipeline.storage import read_shard
+from pipeline.io.storage import read_shard
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_unreachable_endpoint_is_named(tmp_path: Path) -> None:
 
 def test_disk_cache_tells_endpoints_apart(tmp_path: Path, monkeypatch) -> None:
     """The same URL on two endpoints (two mix sources' options) is two cached objects."""
-    import pipeline.storage as storage
+    import pipeline.io.storage as storage
 
     fetched: list[str] = []
 

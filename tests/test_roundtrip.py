@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.header import HEADER_MEMBER, read_header
-from pipeline.label_columns import LABELS_MEMBER
-from pipeline.readers import decode_image, iter_shard
+from pipeline.format.header import HEADER_MEMBER
+from pipeline.format.label_columns import LABELS_MEMBER
+from pipeline.io.reading import decode_image, iter_shard, read_header
 from shard_tools.convert import convert
 from tests.conftest import convert_validated, read_vimh_source
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.errors import SchemaError
-from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
+from pipeline.format.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
 
 names = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,15}", fullmatch=True)
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)

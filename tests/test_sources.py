@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ManifestError, ShardFormatError
-from pipeline.sources import resolve_shards
+from pipeline.io.shard_sets import resolve_shards
 
 
 def test_root_directory_gives_every_split_train_first(vimh_shards: Path) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.schema import DatasetSchema, Head, ImageSpec
-from pipeline.tar_write import tar_end, tar_member
+from pipeline.format.schema import DatasetSchema, Head, ImageSpec
+from pipeline.format.tar_write import tar_end, tar_member
 from shard_tools.cli import main
 from shard_tools.convert import convert
 from shard_tools.validate import validate

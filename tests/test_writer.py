@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConversionError
-from pipeline.header import HEADER_MEMBER, header_bytes, read_header
-from pipeline.labels import encode_labels
-from pipeline.schema import DatasetSchema, Head, ImageSpec
-from pipeline.tar_write import (
+from pipeline.format.header import HEADER_MEMBER, header_bytes
+from pipeline.format.labels import encode_labels
+from pipeline.format.schema import DatasetSchema, Head, ImageSpec
+from pipeline.format.tar_write import (
     RECORD,
     Rows,
     _reference_header,
@@ -28,6 +28,7 @@ from pipeline.tar_write import (
     tar_member,
     tar_pieces,
 )
+from pipeline.io.reading import read_header
 from shard_tools.conversion.blocks import check_block
 from shard_tools.convert import convert
 from shard_tools.formats import SampleBlock
@@ -357,7 +358,7 @@ def test_block_checks_name_the_first_bad_sample() -> None:
 def test_label_columns_member_is_written_only_when_every_sample_has_labels(tmp_path: Path) -> None:
     import numpy as np
 
-    from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
+    from pipeline.format.label_columns import LABELS_MEMBER, decode_label_columns
 
     def row(c: int) -> tuple[dict, dict]:
         return {"c": np.array([c])}, {}

@@ -8,6 +8,7 @@ CPU-sized images, not hand-written copies.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import timm
 import torch
@@ -15,7 +16,7 @@ from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pipeline import ImageSpec
+from pipeline import ImageSpec, SchemaError
 
 
 class Backbone(nn.Module):
@@ -40,12 +41,20 @@ class SimpleCNN(Backbone):
         self.out_features = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)  # type: ignore[no-any-return]
+        return self.features(x)
+
+
+def image_size(image: ImageSpec) -> tuple[int, int]:
+    """(height, width) of the images a backbone sees, which must have one size."""
+    if image.height is None or image.width is None:
+        raise SchemaError(f"a backbone needs images of one size, found {image.describe()}; set data.image_size")
+    return image.height, image.width
 
 
 def _patch(image: ImageSpec, coarse: int) -> int:
     """A stem stride that leaves enough resolution for the stages of small images."""
-    return 1 if min(image.height, image.width) <= 16 else (2 if min(image.height, image.width) <= 64 else coarse)
+    side = min(image_size(image))
+    return 1 if side <= 16 else (2 if side <= 64 else coarse)
 
 
 class ConvNeXtV2(Backbone):
@@ -65,7 +74,7 @@ class ConvNeXtV2(Backbone):
         if min(x.shape[-2:]) < self.min_size:
             size = (max(x.shape[-2], self.min_size), max(x.shape[-1], self.min_size))
             x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return self.model(x)  # type: ignore[no-any-return]
+        return self.model(x)
 
 
 class ViT(Backbone):
@@ -74,14 +83,15 @@ class ViT(Backbone):
     def __init__(self, image: ImageSpec, patch_size: int = 4, dim: int = 128, depth: int = 4, heads: int = 4,
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        patch = patch_size if image.height % patch_size == 0 and image.width % patch_size == 0 else 1
-        self.model = VisionTransformer(img_size=(image.height, image.width), patch_size=patch,
+        height, width = image_size(image)
+        patch = patch_size if height % patch_size == 0 and width % patch_size == 0 else 1
+        self.model = VisionTransformer(img_size=(height, width), patch_size=patch,
                                        in_chans=image.channels, num_classes=0, embed_dim=dim, depth=depth,
                                        num_heads=heads, drop_path_rate=drop_path_rate)
         self.out_features = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)  # type: ignore[no-any-return]
+        return self.model(x)
 
 
 class EfficientNet(Backbone):
@@ -92,7 +102,7 @@ class EfficientNet(Backbone):
         super().__init__()
         self.model = timm.create_model(variant, pretrained=False, num_classes=0, in_chans=image.channels,
                                        drop_rate=drop_rate)
-        self.out_features = int(self.model.num_features)
+        self.out_features = int(cast(int, self.model.num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)  # type: ignore[no-any-return]
+        return self.model(x)

@@ -22,9 +22,10 @@ import lightning as L
 from omegaconf import DictConfig
 
 from pipeline import DatasetSchema, ImageSpec, PipelineError, SchemaError
+from pipeline.format.schema import check_same_heads
 from training.checkpoints import checkpoint_config, checkpoint_image, checkpoint_schema, load_checkpoint
 from training.confusion import ConfusionMatrices, plot_confusion
-from training.module import MultiheadModule, check_same_heads
+from training.module import MultiheadModule
 from training.notices import quiet_library_notices
 from training.run_config import eval_data_config, eval_model_config
 from training.train import CONFIG_PATH, instantiate, instantiate_all
@@ -59,7 +60,7 @@ def rebuild(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> tuple[Mul
     schema = checkpoint_schema(checkpoint, path)
     model_config = eval_model_config(saved.get("model"), cfg.get("model"), path)
     datamodule = instantiate(eval_data_config(saved.get("data"), cfg.data, path))
-    check_same_heads(schema, datamodule.schema, "checkpoint")
+    check_same_heads(schema, datamodule.schema, f"dataset {datamodule.schema.name!r}", "the checkpoint")
     image = check_same_image(checkpoint_image(checkpoint), datamodule.input_image, path)
     model = instantiate(model_config, _partial_=True)(schema=schema, image=image, config=saved)
     load_weights(model, checkpoint, path)

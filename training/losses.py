@@ -28,7 +28,7 @@ class HeadLoss(nn.Module):
         self.layer = nn.Linear(in_features, outputs)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layer(features)  # type: ignore[no-any-return]
+        return self.layer(features)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, value: torch.Tensor | None) -> torch.Tensor:
         mask = target >= 0

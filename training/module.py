@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanAbsoluteError
+from torchmetrics import MeanAbsoluteError, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline import DatasetSchema, ImageSpec, SchemaError
-from pipeline.batching import value_key
+from pipeline.format.schema import check_same_heads
+from pipeline.loading.assembler import value_key
 from training.backbones import Backbone
 from training.losses import HeadLoss
 
 STAGES = ("train", "val", "test")
-
-
-def head_signature(schema: DatasetSchema) -> list[tuple[str, str, int]]:
-    return [(h.name, h.kind, h.num_classes) for h in schema.heads]
-
-
-def check_same_heads(model: DatasetSchema, data: DatasetSchema, what: str = "model") -> None:
-    """Raise SchemaError naming every difference between the model's heads and the data's."""
-    mine, theirs = head_signature(model), head_signature(data)
-    if mine != theirs:
-        raise SchemaError(f"the {what}'s heads {mine} do not match the data's heads {theirs} "
-                          f"(dataset {data.name!r}); train a new model or point the data at a matching dataset")
 
 
 class MultiheadModule(L.LightningModule):
@@ -67,6 +56,13 @@ class MultiheadModule(L.LightningModule):
         self.mae = nn.ModuleDict({f"{stage}_{h.name}": MeanAbsoluteError()
                                   for stage in STAGES for h in self.schema.heads if h.kind == "quantized"})
 
+    def head(self, name: str) -> HeadLoss:
+        return cast(HeadLoss, self.heads[name])
+
+    def metric(self, kind: str, stage: str, head: str) -> Metric:
+        """The ``accuracy`` or ``mae`` metric of ``head`` in ``stage``."""
+        return cast(Metric, getattr(self, kind)[f"{stage}_{head}"])
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = images.float().div(255).sub(0.5).div(0.25) if images.dtype == torch.uint8 else images
         features = self.backbone(x)
@@ -75,8 +71,8 @@ class MultiheadModule(L.LightningModule):
     def losses(self, outputs: Mapping[str, torch.Tensor],
                labels: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each head's loss; samples with a missing label (class < 0) count for nothing."""
-        return {name: head.loss(outputs[name], labels[name], labels.get(value_key(name)))  # type: ignore[operator]
-                for name, head in self.heads.items()}
+        return {name: self.head(name).loss(outputs[name], labels[name], labels.get(value_key(name)))
+                for name in self.heads}
 
     def _step(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]],
               stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -86,29 +82,29 @@ class MultiheadModule(L.LightningModule):
         losses = self.losses(outputs, labels)
         total = sum(self.weights[name] * loss for name, loss in losses.items())
         predicted = {}
-        for name, head in self.heads.items():
-            classes, values = head.predict(outputs[name])  # type: ignore[operator]
+        for name in self.heads:
+            classes, values = self.head(name).predict(outputs[name])
             predicted[name] = classes
-            self.accuracy[f"{stage}_{name}"].update(classes, labels[name])
+            self.metric("accuracy", stage, name).update(classes, labels[name])
             mask = labels[name] >= 0
             if values is not None and value_key(name) in labels and bool(mask.any()):
-                self.mae[f"{stage}_{name}"].update(values[mask], labels[value_key(name)][mask])
+                self.metric("mae", stage, name).update(values[mask], labels[value_key(name)][mask])
             self.log(f"{stage}/{name}_loss", losses[name], on_step=False, on_epoch=True, batch_size=len(images))
-        self.log(f"{stage}/loss", total, on_step=stage == "train", on_epoch=True, prog_bar=True,  # type: ignore[arg-type]
+        self.log(f"{stage}/loss", total, on_step=stage == "train", on_epoch=True, prog_bar=True,
                  batch_size=len(images))
         return total, predicted  # type: ignore[return-value]
 
     def _epoch_end(self, stage: str) -> None:
         accuracies = []
         for head in self.schema.heads:
-            accuracy = self.accuracy[f"{stage}_{head.name}"]
+            accuracy = self.metric("accuracy", stage, head.name)
             if accuracy.update_count:
                 value = accuracy.compute()
                 accuracies.append(value)
                 self.log(f"{stage}/{head.name}_acc", value, sync_dist=False)
             accuracy.reset()
             if head.kind == "quantized":
-                mae = self.mae[f"{stage}_{head.name}"]
+                mae = self.metric("mae", stage, head.name)
                 if mae.update_count:
                     self.log(f"{stage}/{head.name}_mae", mae.compute())
                 mae.reset()
@@ -139,7 +135,7 @@ class MultiheadModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and getattr(datamodule, "schema", None) is not None:
-            check_same_heads(self.schema, datamodule.schema)
+            check_same_heads(self.schema, datamodule.schema, f"dataset {datamodule.schema.name!r}", "the model")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

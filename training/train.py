@@ -19,8 +19,8 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from pipeline import PipelineError
+from pipeline.format.schema import check_same_heads
 from training.checkpoints import checkpoint_schema, load_checkpoint
-from training.module import check_same_heads
 from training.notices import quiet_library_notices
 from training.run_config import saved_config
 
@@ -61,7 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     if cfg.get("ckpt_path"):
         path = str(cfg.ckpt_path)
-        check_same_heads(checkpoint_schema(load_checkpoint(path), path), datamodule.schema, "checkpoint")
+        check_same_heads(checkpoint_schema(load_checkpoint(path), path), datamodule.schema,
+                         f"dataset {datamodule.schema.name!r}", "the checkpoint")
     model = instantiate(cfg.model, _partial_=True)(schema=datamodule.schema, image=datamodule.input_image,
                                                    config=saved_config(cfg.model, cfg.data))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
@@ -71,7 +72,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if cfg.get("test", False) and not trainer.fast_dev_run:
+    if cfg.get("test", False) and not trainer.fast_dev_run:  # type: ignore[attr-defined]
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})

@@ -12,11 +12,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import ConversionError
-from pipeline.label_columns import Columns, label_columns
-from pipeline.labels import LabelEncoder
+from pipeline.format.label_columns import Columns, label_columns
+from pipeline.format.labels import LabelEncoder
+from pipeline.format.schema import QUANTIZATION_LEVELS, DatasetSchema
+from pipeline.format.tar_write import Member, Rows
 from pipeline.lifetime import DieWithParent
-from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema
-from pipeline.tar_write import Member, Rows
 from shard_tools.conversion.plan import SourceSplit, SplitPlan, sample_keys
 from shard_tools.formats import SampleBlock
 

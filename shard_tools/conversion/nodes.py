@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 
 from pipeline.errors import ConversionError
-from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from pipeline.schema import DatasetSchema
+from pipeline.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from pipeline.format.schema import DatasetSchema
 from shard_tools.conversion.plan import SplitPlan, planned
 from shard_tools.conversion.slices import run_jobs, slice_jobs
 from shard_tools.progress_bar import ProgressBar

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.schema import DatasetSchema
+from pipeline.format.schema import DatasetSchema
 from shard_tools.formats import SourceFormat
 from shard_tools.staging import resume_key, source_fingerprint
 

@@ -34,8 +34,8 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
 from pipeline.errors import ConversionError
-from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from pipeline.storage import REMOTE_ERRORS, is_remote
+from pipeline.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from pipeline.io.storage import REMOTE_ERRORS, is_remote
 from shard_tools.conversion.locks import LOCK
 from shard_tools.staging import write_atomic
 

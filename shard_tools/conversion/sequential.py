@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.tario import index_shard
+from pipeline.format.shard_index import index_shard
 from shard_tools.conversion.blocks import parallel_blocks, prepare_blocks
 from shard_tools.conversion.plan import SplitPlan
 from shard_tools.progress_bar import ProgressBar

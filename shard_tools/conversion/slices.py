@@ -26,9 +26,9 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 from pipeline.errors import ConversionError
+from pipeline.format.manifest import Manifest, ShardInfo
+from pipeline.format.schema import DatasetSchema
 from pipeline.lifetime import DieWithParent
-from pipeline.manifest import Manifest, ShardInfo
-from pipeline.schema import DatasetSchema
 from shard_tools import staging
 from shard_tools.conversion.blocks import prepare_blocks
 from shard_tools.conversion.plan import SourceSplit, SplitPlan, planned

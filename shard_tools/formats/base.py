@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.errors import ConversionError
-from pipeline.schema import DatasetSchema
+from pipeline.format.schema import DatasetSchema
 
 BLOCK_BYTES = 1 << 20  # converters yield blocks of about this many image bytes
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bounded_json import load_json
 from pipeline.errors import ConversionError
-from pipeline.schema import FixedParameter
+from pipeline.format.bounded_json import load_json
+from pipeline.format.schema import FixedParameter
 
 log = logging.getLogger(__name__)
 

@@ -179,7 +179,7 @@ def read_pickle(path: Path, what: str = "VIMH", encoding: str = "latin1") -> obj
             except OSError:  # a file system that cannot map files: read it
                 return SafeUnpickler(f, encoding=encoding).load()
             with mapped:
-                return SafeUnpickler(mapped, encoding=encoding).load()  # type: ignore[arg-type]
+                return SafeUnpickler(mapped, encoding=encoding).load()
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
         raise ConversionError(f"{path}: expected a {what} pickle, found a truncated or corrupt "
                               f"file ({type(e).__name__}: {e})") from e

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConversionError, SchemaError
-from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
+from pipeline.format.schema import DatasetSchema, Head, ImageSpec, Provenance
 from shard_tools.formats.base import BLOCK_BYTES, SampleBlock, blocks_of
 from shard_tools.formats.dataset_info import DatasetInfo, head_description, head_name, read_dataset_info
 from shard_tools.formats.file_cache import latest_per_file

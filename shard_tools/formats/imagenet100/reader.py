@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import ConversionError, SchemaError
-from pipeline.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
+from pipeline.format.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
 from shard_tools.formats.base import SampleBlock, blocks_of
 from shard_tools.formats.imagenet100.class_lists import BUILTIN_LISTS, ClassList, load_class_list
 from shard_tools.formats.imagenet100.jpeg_header import jpeg_header

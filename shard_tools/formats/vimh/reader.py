@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConversionError, SchemaError
-from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
+from pipeline.format.schema import DatasetSchema, Head, ImageSpec, Provenance
 from shard_tools.formats.base import BLOCK_BYTES, SampleBlock, blocks_of
 from shard_tools.formats.dataset_info import DatasetInfo, Dims, head_description, head_name, read_dataset_info
 from shard_tools.formats.mh_pickles import MultiheadSplit, load_pickle

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import HeaderMismatchError, ShardFormatError, quoted
-from pipeline.header import HEADER_MEMBER, header_mismatch
-from pipeline.label_columns import LABELS_MEMBER
-from pipeline.tar_members import BLOCK, KEY_CHARS, REGULAR, Member, iter_members, member_key, read_tar_header
+from pipeline.format.header import HEADER_MEMBER, header_mismatch
+from pipeline.format.label_columns import LABELS_MEMBER
+from pipeline.format.tar_read import BLOCK, KEY_CHARS, REGULAR, Member, iter_members, member_key, read_tar_header
 
 _LABELS_NAME = LABELS_MEMBER.encode()
 

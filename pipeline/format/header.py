@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import IO, Any
-
-import fsspec
+from typing import IO
 
 from pipeline.errors import HeaderMismatchError, SchemaError, ShardFormatError, quoted
-from pipeline.schema import MAX_HEADER_BYTES, DatasetSchema
-from pipeline.storage import REMOTE_ERRORS, is_remote, local_file_size
-from pipeline.tar_members import BLOCK, REGULAR, read_tar_header
+from pipeline.format.schema import MAX_HEADER_BYTES, DatasetSchema
+from pipeline.format.tar_read import BLOCK, REGULAR, read_tar_header
 
 HEADER_MEMBER = "__header__"
 
@@ -61,27 +58,3 @@ def read_header_from(stream: IO[bytes], where: str) -> DatasetSchema:
     if size > MAX_HEADER_BYTES:
         raise ShardFormatError(f"{where}: {HEADER_MEMBER}: expected at most {MAX_HEADER_BYTES} bytes, found {size}")
     return parse_header_json(_read_exactly(stream, size, HEADER_MEMBER, where), where)
-
-
-def read_header(url: str, storage_options: dict[str, Any] | None = None) -> DatasetSchema:
-    """Read the schema embedded in the shard at ``url`` (local path or fsspec URL)."""
-    return read_header_and_size(url, storage_options)[0]
-
-
-def read_header_and_size(url: str, storage_options: dict[str, Any] | None = None) -> tuple[DatasetSchema, int | None]:
-    """The schema embedded in the shard at ``url`` and the shard's size in bytes (None
-    where the file system does not say), from one open."""
-    if not is_remote(url):
-        local_file_size(url)  # a regular file: a named pipe would block the open
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            size = getattr(f, "size", None)
-            return read_header_from(f, url), size if isinstance(size, int) else None
-    except FileNotFoundError as e:
-        raise ShardFormatError(f"{url}: shard not found") from e
-    except IsADirectoryError as e:
-        raise ShardFormatError(f"{url}: expected a shard file, found a directory") from e
-    except PermissionError as e:
-        raise ShardFormatError(f"{url}: access denied ({e}); check the credentials") from e
-    except REMOTE_ERRORS as e:
-        raise ShardFormatError(f"{url}: unreachable ({e})") from e

@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 
 from pipeline.errors import ShardFormatError
-from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema, Head
+from pipeline.format.schema import QUANTIZATION_LEVELS, DatasetSchema, Head
 
 LABELS_MEMBER = "__labels__"
 Columns = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipeline.bounded_json import load_json
 from pipeline.errors import SchemaError, quoted
+from pipeline.format.bounded_json import load_json
 
 FORMAT_NAME = "multihead-shards"
 FORMAT_VERSION = "1.1"
@@ -73,7 +73,7 @@ class ImageSpec:
 
     def __post_init__(self) -> None:
         sizes = (self.height, self.width)
-        _require(sizes == (None, None) or all(_is_int(v) and 1 <= v <= MAX_SIDE for v in sizes),
+        _require(sizes == (None, None) or all(_is_int(v) and 1 <= v <= MAX_SIDE for v in sizes),  # type: ignore[operator]
                  "image.height/width", f"ints in 1..{MAX_SIDE}, or both null (sizes vary)", sizes)
         _require(self.fixed_size or self.encoding != "raw", "image.height/width", "fixed sizes for raw images",
                  sizes)
@@ -137,7 +137,8 @@ class Head:
         lo, hi = self.min, self.max
         _require(isinstance(lo, (int, float)) and math.isfinite(lo), f"{where}.min", "a finite number", lo)
         _require(isinstance(hi, (int, float)) and math.isfinite(hi) and hi > lo  # type: ignore[operator]
-                 and math.isfinite(hi - lo), f"{where}.max", f"a finite number > min ({lo}), max - min finite", hi)
+                 and math.isfinite(hi - lo), f"{where}.max", f"a finite number > min ({lo}), max - min finite",  # type: ignore[operator]
+                 hi)
         step = self.step
         _require(step is None or (isinstance(step, (int, float)) and math.isfinite(step) and step > 0),
                  f"{where}.step", "a finite number > 0, or null", step)
@@ -333,3 +334,38 @@ def _fixed_from_json(name: str, value: Any) -> FixedParameter:
         return FixedParameter(name, value["value"], str(value.get("description", "")))
     return FixedParameter(name, value)
 
+
+
+def head_signature(head: Head) -> tuple[object, ...]:
+    """What makes two heads the same head: name, kind, classes, the real values of a
+    quantized head's classes, and the class names (the meaning of each class index).
+    Descriptions and source ids are notes, not part of it."""
+    return (head.name, head.kind, head.num_classes, head.min, head.max, head.step, head.class_names)
+
+
+def same_heads(a: DatasetSchema, b: DatasetSchema) -> bool:
+    """Whether two schemas have the same heads in the same order: the one definition
+    (a model trained on one can read the other's labels)."""
+    return [head_signature(h) for h in a.heads] == [head_signature(h) for h in b.heads]
+
+
+def check_same_heads(expected: DatasetSchema, found: DatasetSchema, what: str, expected_what: str = "the data") -> None:
+    """SchemaError naming ``what`` and every head that differs, unless :func:`same_heads`."""
+    if same_heads(expected, found):
+        return
+    ours, theirs = {h.name: h for h in expected.heads}, {h.name: h for h in found.heads}
+    differ = [f"{name}: {_head_summary(ours.get(name))} vs {_head_summary(theirs.get(name))}"
+              for name in dict.fromkeys([*ours, *theirs])
+              if name not in ours or name not in theirs or head_signature(ours[name]) != head_signature(theirs[name])]
+    order = "" if differ else " (the same heads in another order)"
+    raise SchemaError(f"{what}: heads {list(found.head_names)} differ from {expected_what}'s "
+                      f"{list(expected.head_names)}{order}: {'; '.join(differ)[:1000]}")
+
+
+def _head_summary(head: Head | None) -> str:
+    if head is None:
+        return "absent"
+    if head.kind == "quantized":
+        return f"quantized {head.num_classes} classes over {head.min}..{head.max} step {head.step}"
+    named = f", names {list(head.class_names)[:3]}..." if head.class_names else ""
+    return f"class, {head.num_classes} classes{named}"

@@ -13,10 +13,9 @@ import msgpack
 import numpy as np
 
 from pipeline.errors import quoted
-from pipeline.label_columns import LABELS_MEMBER, decode_label_columns
-from pipeline.schema import DatasetSchema, Head
-from pipeline.tario import ShardIndex
-from pipeline.union import MISSING_CLASS, HeadMap
+from pipeline.format.label_columns import LABELS_MEMBER, decode_label_columns
+from pipeline.format.schema import DatasetSchema, Head
+from pipeline.format.shard_index import ShardIndex
 
 LABELS_EXT = "labels.msgpack"
 
@@ -202,23 +201,6 @@ def by_shard(refs: BatchRefs) -> BatchRefs:
         return refs
     order = np.argsort(refs.which, kind="stable")
     return BatchRefs(refs.shards, refs.which[order], refs.where[order])
-
-
-def to_union(shard: DecodedShard, union: DatasetSchema, head_map: HeadMap) -> DecodedShard:
-    """A mix's shard with its label columns renamed into the union schema: heads its source
-    lacks are the missing marker (class -1, value NaN), the dataset head is the source."""
-    n, k = len(shard.index), shard.source
-    classes: dict[str, np.ndarray] = {}
-    values: dict[str, np.ndarray] = {}
-    for head in union.heads:
-        own = head_map.heads[head.name][k]
-        if head.name == head_map.dataset_head:
-            classes[head.name] = np.full(n, k, dtype=np.int64)
-        else:
-            classes[head.name] = shard.classes[own] if own is not None else np.full(n, MISSING_CLASS, dtype=np.int64)
-        if head.kind == "quantized":
-            values[head.name] = shard.values[own] if own is not None else np.full(n, np.nan, dtype=np.float32)
-    return DecodedShard(shard.index, classes, values, shard.problems, shard.pixels, k)
 
 
 def gather_rows(shard: DecodedShard, rows: np.ndarray, size: int) -> np.ndarray:

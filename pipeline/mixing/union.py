@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import torch
+import numpy as np
 
 from pipeline.errors import SchemaError
-from pipeline.schema import DatasetSchema, Head, ImageSpec, Provenance
+from pipeline.format.schema import DatasetSchema, Head, ImageSpec, Provenance
+from pipeline.loading.decoded import DecodedShard
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +87,26 @@ def union_schema(schemas: Sequence[DatasetSchema], names: Sequence[str], *, spli
     return schema, HeadMap(mapping, dataset_head)
 
 
-PROBE_SIZES = ((37, 53), (64, 48))  # input sizes tried for a source whose images vary in size
+@dataclass(frozen=True)
+class ToUnion:
+    """A source's decoded shard with its label columns renamed into the union schema: heads
+    the source lacks carry the missing marker (class -1, value NaN), the dataset head says
+    which source it is (picklable: the loader's ``relabel`` of each mix source)."""
 
+    union: DatasetSchema
+    head_map: HeadMap
+    source: int
 
-def check_transform_sizes(transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-                          schemas: Sequence[DatasetSchema], names: Sequence[str],
-                          what: str = "the transform") -> tuple[int, ...] | None:
-    """Run each source's ``transforms`` entry on blank images of its size (two odd sizes for
-    a source whose sizes vary) and raise SchemaError, naming sources and shapes, if the
-    outputs' shapes differ: batches would fail in a worker later. The one shape they give;
-    None when a transform refuses a blank image (nothing is checked then). ``what`` names
-    the transforms in the error."""
-    shapes: dict[tuple[int, ...], str] = {}
-    for transform, name, schema in zip(transforms, names, schemas, strict=True):
-        spec = schema.image
-        sizes = [(spec.height, spec.width)] if spec.height and spec.width else list(PROBE_SIZES)
-        for height, width in sizes:
-            try:
-                out = transform(torch.zeros((spec.channels, height, width), dtype=torch.uint8))
-            except (TypeError, ValueError, RuntimeError) as e:
-                log.debug("mix: transform not checked on a blank image (%s)", e)
-                return None
-            shapes.setdefault(tuple(out.shape), f"source {name!r} ({height}x{width} in)")
-    if len(shapes) > 1:
-        found = "; ".join(f"{where}: {list(shape)}" for shape, where in shapes.items())
-        raise SchemaError(f"mix: {what} gives images of {len(shapes)} shapes ({found}); it must give "
-                          "every image one size, e.g. Resize((s, s)) or RandomResizedCrop(s)")
-    return next(iter(shapes))
+    def __call__(self, shard: DecodedShard) -> DecodedShard:
+        n, k = len(shard.index), self.source
+        classes: dict[str, np.ndarray] = {}
+        values: dict[str, np.ndarray] = {}
+        for head in self.union.heads:
+            own = self.head_map.heads[head.name][k]
+            if head.name == self.head_map.dataset_head:
+                classes[head.name] = np.full(n, k, dtype=np.int64)
+            else:
+                classes[head.name] = shard.classes[own] if own is not None else np.full(n, MISSING_CLASS, np.int64)
+            if head.kind == "quantized":
+                values[head.name] = shard.values[own] if own is not None else np.full(n, np.nan, dtype=np.float32)
+        return DecodedShard(shard.index, classes, values, shard.problems, shard.pixels, k)

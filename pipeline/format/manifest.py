@@ -8,13 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-
-from pipeline.bounded_json import load_json
 from pipeline.errors import ManifestError, SchemaError, quoted
-from pipeline.schema import DatasetSchema
-from pipeline.storage import REMOTE_ERRORS
-from pipeline.tar_members import BLOCK
+from pipeline.format.bounded_json import load_json
+from pipeline.format.schema import DatasetSchema
+from pipeline.format.tar_read import BLOCK
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # about half a million shards
@@ -103,18 +100,3 @@ def _shard_info(d: Any, where: str) -> ShardInfo:
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise ManifestError(f"{where}: sha256: expected 64 hex digits, found {quoted(sha)}")
     return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha)
-
-
-def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """Read a manifest from a local path or fsspec URL (at most ``MAX_MANIFEST_BYTES``)."""
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            return Manifest.from_json(f.read(MAX_MANIFEST_BYTES + 1), where=url)
-    except FileNotFoundError as e:
-        raise ManifestError(f"{url}: manifest not found") from e
-    except IsADirectoryError as e:
-        raise ManifestError(f"{url}: expected a manifest file, found a directory") from e
-    except PermissionError as e:
-        raise ManifestError(f"{url}: access denied ({e}); check the credentials") from e
-    except REMOTE_ERRORS as e:
-        raise ManifestError(f"{url}: unreachable ({e})") from e

@@ -22,12 +22,11 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-
-UNEVEN_POLICIES = ("drop", "pad")
+from pipeline.errors import ShardFormatError
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,8 @@ def take_range(slices: Sequence[Slice], begin: int, end: int) -> list[Slice]:
 
 
 def rank_range(total: int, world_size: int, rank: int, uneven: str) -> tuple[int, int]:
-    if uneven not in UNEVEN_POLICIES:
-        raise PipelineError(f"uneven: expected one of {UNEVEN_POLICIES}, found {uneven!r}")
+    """Samples ``[begin, end)`` of an epoch's ``total`` that ``rank`` reads (settings checked
+    by :func:`~pipeline.loading.settings.check_loader_settings`)."""
     per_rank = total // world_size if uneven == "drop" else math.ceil(total / world_size)
     return rank * per_rank, (rank + 1) * per_rank
 
@@ -118,14 +117,10 @@ def plan_epoch(slices: Sequence[Slice], *, seed: int, epoch: int, world_size: in
                uneven: str = "drop", drop_last: bool = False, group: int = 1) -> list[WorkerPlan]:
     """Per-worker plans of ``rank`` for ``epoch`` (``num_workers`` = 0 is planned as 1).
     ``drop_last`` leaves out each rank's final partial batch."""
-    if not 0 <= rank < world_size:
-        raise PipelineError(f"rank: expected 0..{world_size - 1}, found {rank}")
-    if batch_size < 1:
-        raise PipelineError(f"batch_size: expected >= 1, found {batch_size}")
     ordered = shuffled_slices([s for s in slices if len(s)], seed=seed, epoch=epoch, shuffle=shuffle)
     total = sum(len(s) for s in ordered)
     if total == 0:
-        raise PipelineError("the epoch has no samples to plan")
+        raise ShardFormatError("the epoch has no samples to plan")
     begin, end = rank_range(total, world_size, rank, uneven)
     if drop_last:
         end = begin + (end - begin) // batch_size * batch_size
@@ -138,3 +133,52 @@ def plan_epoch(slices: Sequence[Slice], *, seed: int, epoch: int, world_size: in
                                 num_batches=math.ceil(count / batch_size),
                                 window_seed=(seed, epoch, 1, rank, w)))
     return plans
+
+
+@dataclass(frozen=True)
+class PlanLayout:
+    """How an epoch is laid out over ranks, workers and batches (the loader's settings)."""
+
+    seed: int
+    world_size: int
+    rank: int
+    num_workers: int
+    batch_size: int
+    shuffle: bool
+    group: int  # batches a worker hands over at once
+    shuffle_buffer: int
+
+
+class EpochPlanner(Protocol):
+    """Plans every epoch of a loader's inputs for one rank; picklable (it goes to workers)."""
+
+    @property
+    def targets(self) -> tuple[int, ...]:
+        """Samples each input gives per epoch (all ranks together)."""
+
+    def plan(self, epoch: int, layout: PlanLayout) -> list[WorkerPlan]:
+        """Per-worker plans of ``layout.rank`` for ``epoch`` (``num_workers`` 0 planned as 1)."""
+
+    def state(self) -> dict[str, Any]:
+        """The settings a resumed loader must share with the one that saved its state."""
+
+
+@dataclass(frozen=True)
+class SinglePlanner:
+    """One shard set: :func:`plan_epoch` over its shards."""
+
+    shards: tuple[Slice, ...]
+    uneven: str = "drop"
+    drop_last: bool = False
+
+    @property
+    def targets(self) -> tuple[int, ...]:
+        return (sum(len(s) for s in self.shards),)
+
+    def plan(self, epoch: int, layout: PlanLayout) -> list[WorkerPlan]:
+        return plan_epoch(self.shards, seed=layout.seed, epoch=epoch, world_size=layout.world_size,
+                          rank=layout.rank, num_workers=layout.num_workers, batch_size=layout.batch_size,
+                          shuffle=layout.shuffle, uneven=self.uneven, drop_last=self.drop_last, group=layout.group)
+
+    def state(self) -> dict[str, Any]:
+        return {"uneven": self.uneven, "drop_last": self.drop_last, "targets": list(self.targets)}

@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.planning import Slice, WorkerPlan, epoch_rng, take_range, worker_sample_counts
-from pipeline.schema import DatasetSchema
+from pipeline.errors import ConfigError
+from pipeline.loading.planning import PlanLayout, Slice, WorkerPlan, epoch_rng, take_range, worker_sample_counts
 
 CHOICE_STREAM = 2  # epoch_rng stream ids: 0 slice order, 1 shuffle windows (see planning.py)
 
@@ -33,7 +33,7 @@ def apportion(total: int, weights: Sequence[float]) -> list[int]:
     Ties go to the earlier weight."""
     weight_sum = math.fsum(weights)
     if total < 0 or not weights or weight_sum <= 0 or any(w < 0 for w in weights):
-        raise PipelineError(f"cannot apportion {total} samples by weights {list(weights)}: expected "
+        raise ConfigError(f"cannot apportion {total} samples by weights {list(weights)}: expected "
                             "a total >= 0 and weights >= 0 with a positive sum")
     quotas = [total * w / weight_sum for w in weights]
     shares = [math.floor(q) for q in quotas]
@@ -49,7 +49,7 @@ def split_counts(rows: Sequence[int], columns: Sequence[int]) -> list[list[int]]
     floors first, then the leftovers by the north-west corner rule."""
     total = sum(rows)
     if total != sum(columns) or min([*rows, *columns], default=0) < 0:
-        raise PipelineError(f"split_counts: rows {list(rows)} and columns {list(columns)} must be >= 0 "
+        raise ConfigError(f"split_counts: rows {list(rows)} and columns {list(columns)} must be >= 0 "
                             "with equal sums")
     cells = [[rows[i] * columns[j] // total if total else 0 for j in range(len(columns))] for i in range(len(rows))]
     row_left = [rows[i] - sum(cells[i]) for i in range(len(rows))]
@@ -74,7 +74,7 @@ def choose_samples(shards: Sequence[Slice], target: int, rng: np.random.Generato
     shards = [s for s in shards if len(s)]
     size = sum(len(s) for s in shards)
     if target and not size:
-        raise PipelineError(f"cannot draw {target} samples from a source with no samples")
+        raise ConfigError(f"cannot draw {target} samples from a source with no samples")
     chosen: list[Slice] = []
     passes, rest = divmod(target, size) if size else (0, 0)
 
@@ -115,41 +115,40 @@ def interleave(per_source: Sequence[Sequence[Slice]], round_size: int) -> list[l
 
 @dataclass(frozen=True)
 class MixPlan:
-    """What every worker needs to plan a mixed epoch (picklable): each source's shards
-    (``Slice.source`` = its position), its samples per epoch and its own schema."""
+    """The epoch planner of a mix (picklable): each source's shards (``Slice.source`` = its
+    position), its samples per epoch (``targets``) and its name."""
 
     sources: tuple[tuple[Slice, ...], ...]
     targets: tuple[int, ...]
-    schemas: tuple[DatasetSchema, ...]
     names: tuple[str, ...]
 
     @property
     def epoch_samples(self) -> int:
         return sum(self.targets)
 
-    def plan(self, epoch: int, *, seed: int, world_size: int, rank: int, num_workers: int, batch_size: int,
-             shuffle: bool, group: int, round_size: int) -> list[WorkerPlan]:
-        """Per-worker plans of ``rank`` for ``epoch``; the targets must divide evenly by rank."""
-        if not 0 <= rank < world_size:
-            raise PipelineError(f"rank: expected 0..{world_size - 1}, found {rank}")
+    def state(self) -> dict[str, Any]:
+        return {"mix_sources": list(self.names), "mix_targets": list(self.targets)}
+
+    def plan(self, epoch: int, layout: PlanLayout) -> list[WorkerPlan]:
+        """Per-worker plans of ``layout.rank`` for ``epoch``; the targets must divide evenly by rank."""
+        seed, world_size, rank = layout.seed, layout.world_size, layout.rank
         if self.epoch_samples % world_size:
-            raise PipelineError(f"a mixed epoch of {self.epoch_samples} samples does not split evenly "
-                                f"across {world_size} ranks")
-        chosen = [choose_samples(shards, target, epoch_rng(seed, epoch, CHOICE_STREAM, k) if shuffle else None)
+            raise ConfigError(f"a mixed epoch of {self.epoch_samples} samples does not split evenly "
+                              f"across {world_size} ranks")
+        chosen = [choose_samples(shards, target, epoch_rng(seed, epoch, CHOICE_STREAM, k) if layout.shuffle else None)
                   for k, (shards, target) in enumerate(zip(self.sources, self.targets, strict=True))]
         per_rank = self.epoch_samples // world_size
         by_rank = split_counts(self.targets, [per_rank] * world_size)
         mine = [take_range(c, sum(row[:rank]), sum(row[:rank + 1])) if row[rank] else []
                 for c, row in zip(chosen, by_rank, strict=True)]
-        workers = max(1, num_workers)
-        worker_counts = worker_sample_counts(per_rank, batch_size, workers, group)
+        worker_counts = worker_sample_counts(per_rank, layout.batch_size, max(1, layout.num_workers), layout.group)
         by_worker = split_counts([row[rank] for row in by_rank], worker_counts)
         plans = []
         for w, count in enumerate(worker_counts):
             pieces = [take_range(m, sum(row[:w]), sum(row[:w + 1])) if row[w] else []
                       for m, row in zip(mine, by_worker, strict=True)]
-            rounds = interleave(pieces, round_size)
+            rounds = interleave(pieces, layout.shuffle_buffer)
             plans.append(WorkerPlan(slices=tuple(s for r in rounds for s in r), num_samples=count,
-                                    num_batches=math.ceil(count / batch_size),
+                                    num_batches=math.ceil(count / layout.batch_size),
                                     window_seed=(seed, epoch, 1, rank, w), windows=tuple(len(r) for r in rounds)))
         return plans

@@ -2,8 +2,8 @@
 
 How many samples each source gives per epoch (:func:`epoch_targets`) is fixed once, from
 the sources' manifest counts and what the user asked for; which ones, and in what order,
-is planned per epoch by :mod:`pipeline.mixing`; labels are mapped into the union schema of
-:mod:`pipeline.union`. See ``docs/mixing.md``.
+is planned per epoch by :mod:`pipeline.mixing.plan`; labels are mapped into the union schema of
+:mod:`pipeline.mixing.union`. See ``docs/mixing.md``.
 """
 
 from __future__ import annotations
@@ -11,19 +11,28 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
-from pipeline.api import check_headers, find_split, hand_off_group, image_bytes, manifest_slices
-from pipeline.batching import Transform
-from pipeline.disk_cache import DEFAULT_LIMIT
-from pipeline.errors import PipelineError
-from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_world
-from pipeline.mixing import MixPlan, apportion
-from pipeline.planning import UNEVEN_POLICIES, Slice
-from pipeline.union import DATASET_HEAD, check_transform_sizes, source_name, union_schema
+from pipeline.errors import ConfigError
+from pipeline.format.schema import DatasetSchema
+from pipeline.io.disk_cache import DEFAULT_LIMIT
+from pipeline.loading.inputs import ShardInput, Transform
+from pipeline.loading.loader import ShardLoader, build_loader
+from pipeline.loading.make_loader import (
+    check_headers,
+    find_split,
+    hand_off_group,
+    image_bytes,
+    manifest_slices,
+    resolve_world,
+)
+from pipeline.loading.planning import Slice
+from pipeline.loading.settings import UNEVEN_POLICIES, check_loader_settings
+from pipeline.loading.stream import StreamConfig
+from pipeline.mixing.plan import MixPlan, apportion
+from pipeline.mixing.transforms import Chain, check_transform_sizes
+from pipeline.mixing.union import DATASET_HEAD, ToUnion, source_name, union_schema
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,7 @@ class MixSource:
         given = {k: v for k, v in (("weight", self.weight), ("repeat", self.repeat), ("choose", self.choose))
                  if v is not None}
         if len(given) > 1:
-            raise PipelineError(f"mix source {self.source}: give at most one of weight, repeat, choose; "
+            raise ConfigError(f"mix source {self.source}: give at most one of weight, repeat, choose; "
                                 f"found {given}")
         for key, value in given.items():
             ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) if key == "choose" \
@@ -60,21 +69,7 @@ class MixSource:
                       and value >= 0)
             if not ok:
                 expected = "an int >= 0" if key == "choose" else "a finite number >= 0"
-                raise PipelineError(f"mix source {self.source}: {key} expected {expected}, found {value!r}")
-
-
-@dataclass(frozen=True)
-class Chain:
-    """``then(first(image))``, either of them possibly None (picklable)."""
-
-    first: Transform | None
-    then: Transform | None
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        for step in (self.first, self.then):
-            if step is not None:
-                image = step(image)
-        return image
+                raise ConfigError(f"mix source {self.source}: {key} expected {expected}, found {value!r}")
 
 
 def _fixed_count(source: MixSource, size: int) -> int | None:
@@ -94,24 +89,24 @@ def epoch_targets(sizes: Sequence[int], sources: Sequence[MixSource], epoch_samp
     (largest remainder): down with ``uneven="drop"``, up with ``"pad"`` (then no source
     gets fewer samples than asked, so an evaluation sees every sample)."""
     if uneven not in UNEVEN_POLICIES:
-        raise PipelineError(f"uneven: expected one of {UNEVEN_POLICIES}, found {uneven!r}")
+        raise ConfigError(f"uneven: expected one of {UNEVEN_POLICIES}, found {uneven!r}")
     counts = [_fixed_count(s, n) for s, n in zip(sources, sizes, strict=True)]
     weighted = [k for k, c in enumerate(counts) if c is None]
     if weighted:
         total = sum(sizes) if epoch_samples is None else epoch_samples
         rest = total - sum(c for c in counts if c is not None)
         if rest < 0:
-            raise PipelineError(f"mix: choose/repeat sources take {total - rest} samples, more than the epoch's "
+            raise ConfigError(f"mix: choose/repeat sources take {total - rest} samples, more than the epoch's "
                                 f"{total}; raise epoch_samples")
         weights = [sources[k].weight or 0.0 for k in weighted]
         if rest and not sum(weights):
-            raise PipelineError(f"mix: {rest} samples of the epoch are left for the weighted sources, but their "
+            raise ConfigError(f"mix: {rest} samples of the epoch are left for the weighted sources, but their "
                                 "weights are all 0")
         for k, share in zip(weighted, apportion(rest, weights) if rest else [0] * len(weighted), strict=True):
             counts[k] = share
     fixed = [int(c or 0) for c in counts]
     if not weighted and epoch_samples is not None and epoch_samples != sum(fixed):
-        raise PipelineError(f"mix: epoch_samples={epoch_samples} but the sources' choose/repeat counts sum to "
+        raise ConfigError(f"mix: epoch_samples={epoch_samples} but the sources' choose/repeat counts sum to "
                             f"{sum(fixed)}; drop epoch_samples or give some sources a weight")
     total = sum(fixed)
     if total % unit:
@@ -120,7 +115,7 @@ def epoch_targets(sizes: Sequence[int], sources: Sequence[MixSource], epoch_samp
                  total, "up" if uneven == "pad" else "down", rounded, unit)
         fixed = apportion(rounded, fixed) if rounded else [0] * len(fixed)
     if sum(fixed) == 0:
-        raise PipelineError(f"mix: the epoch has no samples (targets {fixed}; need at least {unit})")
+        raise ConfigError(f"mix: the epoch has no samples (targets {fixed}; need at least {unit})")
     return fixed
 
 
@@ -140,52 +135,68 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     does not split evenly across ranks is rounded (see :func:`epoch_targets`). Other
     arguments as ``make_loader``."""
     specs = [s if isinstance(s, MixSource) else MixSource(**s) for s in sources]
-    if not specs or batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
-        raise PipelineError(f"mix: expected sources, batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1; "
-                            f"found {len(specs)} source(s), {batch_size}, {num_workers}, {shuffle_buffer}")
-    default_size, default_rank = default_world()
-    world_size = default_size if world_size is None else world_size
-    rank = default_rank if rank is None else rank
-    schemas, shard_lists = [], []
-    options = tuple(storage_options if spec.storage_options is None else dict(spec.storage_options)
-                    for spec in specs)
-    for k, (spec, opts) in enumerate(zip(specs, options, strict=True)):
-        shards = find_split(spec.source, spec.split, opts, require_manifest)
-        schema, sizes = check_headers(shards, opts, on_error=on_error)
-        schemas.append(schema)
-        shard_lists.append(tuple(Slice(s.url, s.start, s.stop, k)
-                                 for s in manifest_slices(shards, opts, cache_dir, False, sizes)))
-    names = [spec.name or source_name(schema.name) for spec, schema in zip(specs, schemas, strict=True)]
-    own = tuple(spec.transform for spec in specs)
-    per_source = any(t is not None for t in own)
+    if not specs:
+        raise ConfigError("mix: expected at least one source, found none")
+    world_size, rank = resolve_world(world_size, rank)
+    check_loader_settings(batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                          on_error=on_error, uneven=uneven, world_size=world_size, rank=rank)
+    found = [_read_source(k, spec, storage_options, cache_dir, require_manifest, on_error)
+             for k, spec in enumerate(specs)]
+    names = [spec.name or source_name(put.schema.name) for spec, put in zip(specs, found, strict=True)]
+    schemas = [put.schema for put in found]
     union, head_map = union_schema(schemas, names, split=schemas[0].split,
-                                   resized=transform is not None or per_source, dataset_head=dataset_head)
-    image_shape = None
-    if per_source or (transform is not None and len({s.image for s in schemas}) > 1):
-        chains = [Chain(first, transform) for first in own]
-        image_shape = check_transform_sizes(chains, schemas, names,  # fail now, not in a worker
-                                            "each source's transform (then the mix's)" if per_source
-                                            else "the transform")
-    unit = world_size * (batch_size if drop_last else 1)
-    sizes = [sum(len(s) for s in shards) for shards in shard_lists]
+                                   resized=transform is not None or any(s.transform for s in specs),
+                                   dataset_head=dataset_head)
+    image_shape = _check_images(specs, schemas, names, transform)
+    targets = _targets(specs, found, names, epoch_samples, world_size * (batch_size if drop_last else 1), uneven)
+    inputs = tuple(replace(put, name=name, relabel=ToUnion(union, head_map, k))
+                   for k, (put, name) in enumerate(zip(found, names, strict=True)))
+    planner = MixPlan(tuple(put.shards for put in inputs), tuple(targets), tuple(names))
+    largest_image = max(image_bytes(s) for s in schemas)
+    config = StreamConfig(inputs=inputs, planner=planner, schema=union, batch_size=batch_size, seed=seed,
+                          shuffle=shuffle, shuffle_buffer=shuffle_buffer, world_size=world_size, rank=rank,
+                          num_workers=num_workers, on_error=on_error, cache_dir=cache_dir, cache_limit=cache_limit,
+                          retries=retries, batches_per_hand_off=hand_off_group(batch_size * largest_image))
+    config.plan(0)  # fail now, not in a worker, on impossible settings
+    loader = build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
+                          pin_memory=pin_memory)
+    loader.image_shape = image_shape
+    return loader
+
+
+def _read_source(k: int, spec: MixSource, storage_options: dict[str, Any] | None, cache_dir: str | None,
+                 require_manifest: bool, on_error: str) -> ShardInput:
+    """Source ``k`` of a mix as a loader input: its split found, headers and sizes checked,
+    shards with their counts; its own storage options and transform (no relabel yet)."""
+    options = storage_options if spec.storage_options is None else dict(spec.storage_options)
+    shards = find_split(spec.source, spec.split, options, require_manifest)
+    schema, sizes = check_headers(shards, options, on_error=on_error)
+    slices = tuple(Slice(s.url, s.start, s.stop, k) for s in manifest_slices(shards, options, cache_dir, False, sizes))
+    return ShardInput(name=schema.name, schema=schema, shards=slices, storage_options=options,
+                      transform=spec.transform)
+
+
+def _check_images(specs: Sequence[MixSource], schemas: Sequence[DatasetSchema], names: Sequence[str],
+                  transform: Transform | None) -> tuple[int, ...] | None:
+    """The one image shape the sources' transforms give (checked now, not in a worker), or
+    None when there is nothing to check."""
+    own = [spec.transform for spec in specs]
+    per_source = any(t is not None for t in own)
+    if not per_source and (transform is None or len({s.image for s in schemas}) == 1):
+        return None
+    return check_transform_sizes([Chain(first, transform) for first in own], schemas, names,
+                                 "each source's transform (then the mix's)" if per_source else "the transform")
+
+
+def _targets(specs: Sequence[MixSource], found: Sequence[ShardInput], names: Sequence[str],
+             epoch_samples: int | None, unit: int, uneven: str) -> list[int]:
+    """Each source's samples per epoch; a source with none but a share is an error."""
+    sizes = [put.num_samples for put in found]
     targets = epoch_targets(sizes, specs, epoch_samples, unit, uneven)
     empty = [f"{name} ({spec.source})" for name, spec, size, target in zip(names, specs, sizes, targets, strict=True)
              if target and not size]
     if empty:
-        raise PipelineError(f"mix: source(s) {', '.join(empty)} have no samples but a share of the epoch")
-    plan = MixPlan(tuple(shard_lists), tuple(targets), tuple(schemas), tuple(names))
+        raise ConfigError(f"mix: source(s) {', '.join(empty)} have no samples but a share of the epoch")
     log.info("mix of %s: %s samples per epoch", ", ".join(names),
              ", ".join(f"{n} {t}" for n, t in zip(names, targets, strict=True)))
-    largest_image = max(image_bytes(s) for s in schemas)
-    config = StreamConfig(shards=tuple(s for shards in shard_lists for s in shards), schema=union,
-                          batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                          world_size=world_size, rank=rank, num_workers=num_workers, drop_last=drop_last,
-                          on_error=on_error, storage_options=storage_options, cache_dir=cache_dir,
-                          cache_limit=cache_limit, retries=retries,
-                          batches_per_hand_off=hand_off_group(batch_size * largest_image), mix=plan,
-                          source_options=options)
-    config.plan(0)  # fail now, not in a worker, on impossible settings
-    loader = build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
-                          pin_memory=pin_memory, head_map=head_map, source_transforms=own)
-    loader.image_shape = image_shape
-    return loader
+    return targets

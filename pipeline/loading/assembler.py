@@ -12,7 +12,7 @@ here). Labels are ``labels[head]`` (int64 class index) and, for quantized heads,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,28 +20,14 @@ import torch
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.decoded import (
-    LABELS_EXT,
-    BatchRefs,
-    DecodedShard,
-    by_shard,
-    decode_shard,
-    gather_rows,
-    to_union,
-    value_key,
-)
-from pipeline.errors import PipelineError, ShardFormatError
-from pipeline.packing import CLASSES, IMAGES, VALUES, Field, PackedGroup, field_views, packed_size, unpack
-from pipeline.schema import DatasetSchema
-from pipeline.union import HeadMap
-
-__all__ = ["IMAGES", "LABELS_EXT", "BatchAssembler", "BatchRefs", "DecodedShard", "PackedGroup", "Transform",
-           "by_shard", "decode_shard", "to_union", "unpack", "value_key"]
+from pipeline.errors import ShardFormatError
+from pipeline.format.schema import DatasetSchema
+from pipeline.loading.decoded import BatchRefs, DecodedShard, by_shard, gather_rows, value_key
+from pipeline.loading.inputs import ShardInput, Transform
+from pipeline.loading.packing import CLASSES, IMAGES, VALUES, Field, PackedGroup, field_views, packed_size
 
 log = logging.getLogger(__name__)
 
-ERROR_POLICIES = ("raise", "skip")
-Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -58,27 +44,17 @@ class ErrorCounter:
 
 
 class BatchAssembler:
-    """Builds batches for one schema; picklable, so it travels to dataloader workers.
+    """Builds batches in ``schema`` from the shards of ``inputs`` (by ``DecodedShard.source``,
+    their labels already in ``schema``); each input's own transform runs on its images, then
+    ``transform``. Picklable, so it travels to dataloader workers."""
 
-    For a mix, ``inputs`` are the sources' own schemas (by ``DecodedShard.source``),
-    ``head_map`` says which source head fills each head of ``schema`` (the union), and
-    ``source_transforms`` (one per input, or None) run on each source's images before
-    ``transform``."""
-
-    def __init__(self, schema: DatasetSchema, *, transform: Transform | None = None,
-                 on_error: str = "raise", inputs: Sequence[DatasetSchema] | None = None,
-                 head_map: HeadMap | None = None,
-                 source_transforms: Sequence[Transform | None] | None = None) -> None:
-        if on_error not in ERROR_POLICIES:
-            raise ShardFormatError(f"on_error: expected one of {ERROR_POLICIES}, found {on_error!r}")
+    def __init__(self, schema: DatasetSchema, inputs: Sequence[ShardInput], *, transform: Transform | None = None,
+                 on_error: str = "raise") -> None:
         self.schema, self.transform, self.on_error = schema, transform, on_error
-        self.inputs, self.head_map = tuple(inputs or (schema,)), head_map
-        self.source_transforms = tuple(source_transforms or (None,) * len(self.inputs))
-        if len(self.source_transforms) != len(self.inputs):
-            raise PipelineError(f"source_transforms: expected one per source ({len(self.inputs)}), "
-                                   f"found {len(self.source_transforms)}")
-        self._per_source = any(t is not None for t in self.source_transforms)
-        self._transforms = transform is not None or self._per_source
+        self.images = tuple(put.schema.image for put in inputs)  # each input's stored images
+        self.input_transforms = tuple(put.transform for put in inputs)
+        self._per_input = any(t is not None for t in self.input_transforms)
+        self._transforms = transform is not None or self._per_input
         self.errors = ErrorCounter()
         self._mode = ImageReadMode.GRAY if schema.image.channels == 1 else ImageReadMode.RGB
 
@@ -101,13 +77,11 @@ class BatchAssembler:
             self._fill(refs, decoded, images, field_views(buffer[offset:offset + size], fields))
             parts.append((offset, size, fields, keys))
             offset += size
-        return PackedGroup(buffer, parts, self._source_counts([p[0] for p in prepared]))
+        return PackedGroup(buffer, parts, self._input_counts([p[0] for p in prepared]))
 
-    def _source_counts(self, batches: list[BatchRefs]) -> np.ndarray | None:
-        """Samples per source of a mix in ``batches`` as assembled (after replacements)."""
-        if self.head_map is None:
-            return None
-        counts = np.zeros(len(self.inputs), dtype=np.int64)
+    def _input_counts(self, batches: list[BatchRefs]) -> np.ndarray:
+        """Samples per input in ``batches`` as assembled (after replacements)."""
+        counts = np.zeros(len(self.images), dtype=np.int64)
         for refs in batches:
             for shard, _, rows in refs.groups():
                 counts[shard.source] += len(rows)
@@ -146,14 +120,14 @@ class BatchAssembler:
     def _sound(self, refs: BatchRefs) -> tuple[BatchRefs, dict[int, torch.Tensor]]:
         """The batch with bad samples replaced by good ones of the same batch (or an error),
         and the decoded images of encoded formats by batch position."""
-        if all(not shard.problems and self.inputs[shard.source].image.encoding == "raw" for shard in refs.shards):
+        if all(not shard.problems and self.images[shard.source].encoding == "raw" for shard in refs.shards):
             return refs, {}  # nothing to decode, nothing known to be bad
         bad: list[int] = []
         decoded: dict[int, torch.Tensor] = {}
         for j, (k, i) in enumerate(zip(refs.which.tolist(), refs.where.tolist(), strict=True)):
             shard = refs.shards[k]
             reason = shard.problems.get(i)
-            if reason is None and self.inputs[shard.source].image.encoding != "raw":
+            if reason is None and self.images[shard.source].encoding != "raw":
                 image, reason = self._decode(shard, i)
                 decoded[j] = image  # type: ignore[assignment]
             if reason is not None:
@@ -170,7 +144,7 @@ class BatchAssembler:
         return BatchRefs(refs.shards, refs.which[pick], refs.where[pick]), remapped
 
     def _decode(self, shard: DecodedShard, i: int) -> tuple[torch.Tensor | None, str | None]:
-        spec = self.inputs[shard.source].image
+        spec = self.images[shard.source]
         data = shard.index.member(spec.encoding, i)
         try:
             image = decode_image(torch.frombuffer(bytearray(data or b""), dtype=torch.uint8), mode=self._mode)
@@ -202,9 +176,9 @@ class BatchAssembler:
             images = list(torch.from_numpy(flat).view(len(refs), *spec.shape_chw).unbind(0))
         else:
             images = [decoded[j] if j in decoded else self._raw_image(refs, j) for j in range(len(refs))]
-        if self._per_source:
+        if self._per_input:
             sources = [refs.shards[k].source for k in refs.which.tolist()]
-            images = [image if (t := self.source_transforms[k]) is None else t(image)
+            images = [image if (t := self.input_transforms[k]) is None else t(image)
                       for image, k in zip(images, sources, strict=True)]
         if self.transform is not None:
             images = [self.transform(image) for image in images]
@@ -217,7 +191,7 @@ class BatchAssembler:
     def _raw_image(self, refs: BatchRefs, j: int) -> torch.Tensor:
         """Sample ``j``'s raw pixels as CHW, by its own source's image spec (mixes)."""
         shard, i = refs.shards[int(refs.which[j])], int(refs.where[j])
-        spec = self.inputs[shard.source].image
+        spec = self.images[shard.source]
         pixels = torch.frombuffer(bytearray(gather_rows(shard, np.asarray([i]), spec.nbytes)), dtype=torch.uint8)
         if spec.layout == "HWC":
             return pixels.view(spec.height, spec.width, spec.channels).permute(2, 0, 1)  # type: ignore[arg-type]

@@ -25,11 +25,11 @@ class PackedGroup:
 
     buffer: torch.Tensor
     parts: list[tuple[int, int, tuple[Field, ...], list[str]]]
-    source_counts: np.ndarray | None = None  # a mix: samples per source in these batches
+    input_counts: np.ndarray  # samples per input of the loader in these batches
 
     def pin_memory(self) -> PackedGroup:
         """The group in page-locked memory (``DataLoader(pin_memory=True)`` calls this)."""
-        return PackedGroup(self.buffer.pin_memory(), self.parts, self.source_counts)
+        return PackedGroup(self.buffer.pin_memory(), self.parts, self.input_counts)
 
     def batches(self) -> list[tuple[dict[str, torch.Tensor], list[str]]]:
         """Each batch's fields as typed views, with its keys."""

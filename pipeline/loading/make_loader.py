@@ -1,4 +1,6 @@
-"""``make_loader``: from what a user names to a ready, checked :class:`ShardLoader`."""
+"""``make_loader``: from what a user names to a ready, checked :class:`ShardLoader`, and the
+steps every entry shares (``mix`` too): finding a split, checking its headers and sizes,
+planning its shards by their manifest counts."""
 
 from __future__ import annotations
 
@@ -8,17 +10,20 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.batching import Transform
-from pipeline.disk_cache import DEFAULT_LIMIT
-from pipeline.errors import HeaderMismatchError, ManifestError, PipelineError, ShardFormatError
-from pipeline.header import read_header, read_header_and_size, read_header_from
-from pipeline.loader import ShardLoader, StreamConfig, build_loader, default_world
-from pipeline.manifest import MIN_SAMPLE_BYTES
-from pipeline.planning import UNEVEN_POLICIES, Slice
-from pipeline.schema import DatasetSchema
-from pipeline.sources import ShardSet, resolve_shards
-from pipeline.storage import read_shard
-from pipeline.tario import count_samples
+from pipeline.errors import ConfigError, HeaderMismatchError, ManifestError, ShardFormatError
+from pipeline.format.header import read_header_from
+from pipeline.format.manifest import MIN_SAMPLE_BYTES
+from pipeline.format.schema import DatasetSchema
+from pipeline.format.shard_index import count_samples
+from pipeline.io.disk_cache import DEFAULT_LIMIT
+from pipeline.io.reading import read_header, read_header_and_size
+from pipeline.io.shard_sets import ShardSet, resolve_shards
+from pipeline.io.storage import read_shard
+from pipeline.loading.inputs import ShardInput, Transform
+from pipeline.loading.loader import ShardLoader, build_loader, default_world
+from pipeline.loading.planning import SinglePlanner, Slice
+from pipeline.loading.settings import check_loader_settings
+from pipeline.loading.stream import StreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,29 +135,31 @@ def make_loader(source: str | Sequence[str], *, split: str | None = "train", bat
     ``http(s)://``). Yields ``(images, labels)`` (``(images, labels, keys)`` with
     ``with_keys``): images ``[B, C, H, W]`` uint8 unless ``transform`` says otherwise, labels
     ``{head: int64 class}`` plus ``{head + ".value": float32}`` for quantized heads."""
-    if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
-        raise PipelineError(f"expected batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1; found "
-                            f"{batch_size}, {num_workers}, {shuffle_buffer}")
-    if uneven not in UNEVEN_POLICIES:
-        raise PipelineError(f"uneven: expected one of {UNEVEN_POLICIES}, found {uneven!r}")
+    world_size, rank = resolve_world(world_size, rank)
+    check_loader_settings(batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                          on_error=on_error, uneven=uneven, world_size=world_size, rank=rank)
     if any(str(u).startswith("pipe:") for u in ([source] if isinstance(source, str) else source)) \
             and not allow_pipe:
         raise ShardFormatError(f"{source}: pipe: URLs run shell commands; pass allow_pipe=True to allow them")
-    default_size, default_rank = default_world()
-    world_size = default_size if world_size is None else world_size
-    rank = default_rank if rank is None else rank
     shards = find_split(source, split, storage_options, require_manifest)
     schema, sizes = check_headers(shards, storage_options, allow_pipe, on_error)
     if not schema.image.fixed_size and transform is None:
-        raise PipelineError(f"{source}: the images of {schema.name!r} vary in size ({schema.image.describe()}); "
-                            "pass a transform that gives every image one size, e.g. "
-                            "torchvision.transforms.v2.RandomResizedCrop(224)")
-    config = StreamConfig(shards=manifest_slices(shards, storage_options, cache_dir, allow_pipe, sizes), schema=schema,
-                          batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                          world_size=world_size, rank=rank, num_workers=num_workers, uneven=uneven,
-                          drop_last=drop_last, on_error=on_error, storage_options=storage_options,
-                          cache_dir=cache_dir, cache_limit=cache_limit, retries=retries, allow_pipe=allow_pipe,
-                          batches_per_hand_off=hand_off_group(batch_size * image_bytes(schema)))
+        raise ConfigError(f"{source}: the images of {schema.name!r} vary in size ({schema.image.describe()}); "
+                          "pass a transform that gives every image one size, e.g. "
+                          "torchvision.transforms.v2.RandomResizedCrop(224)")
+    slices = manifest_slices(shards, storage_options, cache_dir, allow_pipe, sizes)
+    only = ShardInput(name=schema.name, schema=schema, shards=slices, storage_options=storage_options)
+    config = StreamConfig(inputs=(only,), planner=SinglePlanner(slices, uneven=uneven, drop_last=drop_last),
+                          schema=schema, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                          shuffle_buffer=shuffle_buffer, world_size=world_size, rank=rank, num_workers=num_workers,
+                          on_error=on_error, cache_dir=cache_dir, cache_limit=cache_limit, retries=retries,
+                          allow_pipe=allow_pipe, batches_per_hand_off=hand_off_group(batch_size * image_bytes(schema)))
     config.plan(0)  # fail now, not in a worker, on impossible settings
     return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
                         pin_memory=pin_memory)
+
+
+def resolve_world(world_size: int | None, rank: int | None) -> tuple[int, int]:
+    """``world_size`` and ``rank`` as given, else the running torch.distributed group's."""
+    default_size, default_rank = default_world()
+    return (default_size if world_size is None else world_size), (default_rank if rank is None else rank)

@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 
 from pipeline.errors import ConversionError, ShardFormatError
-from pipeline.schema import QUANTIZATION_LEVELS, DatasetSchema, Head
+from pipeline.format.schema import QUANTIZATION_LEVELS, DatasetSchema, Head
 
 LabelRecord = dict[str, dict[str, Any]]
 EXTRA_KEY = "_extra"  # optional per-sample source metadata (e.g. VIMH scale factors)

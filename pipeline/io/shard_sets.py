@@ -12,11 +12,11 @@ from typing import Any
 
 import braceexpand
 import fsspec
-from fsspec.core import url_to_fs
 
 from pipeline.errors import ManifestError, ShardFormatError
-from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
-from pipeline.storage import REMOTE_ERRORS
+from pipeline.format.manifest import MANIFEST_NAME, Manifest
+from pipeline.io.reading import read_manifest
+from pipeline.io.storage import filesystem, remote_errors
 
 STAGING_DIR = ".staging"  # where a conversion stages a split before publishing it
 
@@ -95,9 +95,11 @@ def _from_dir(url: str, fs: fsspec.AbstractFileSystem, path: str,
     else:
         subdirs = sorted((p for p in fs.ls(path, detail=False) if fs.isdir(p)
                           and posixpath.basename(p.rstrip("/")) != STAGING_DIR), key=_split_order)
-        found = [_from_manifest(full(_join(d, MANIFEST_NAME)), storage_options) if fs.exists(_join(d, MANIFEST_NAME))
-                 else _unlisted(_join(url, posixpath.basename(d.rstrip("/"))), fs, d, full) for d in subdirs]
-        found = [s for s in found if s is not None] or [s for s in [_unlisted(url, fs, path, full)] if s is not None]
+        listed = [_from_manifest(full(_join(d, MANIFEST_NAME)), storage_options) if fs.exists(_join(d, MANIFEST_NAME))
+                  else _unlisted(_join(url, posixpath.basename(d.rstrip("/"))), fs, d, full) for d in subdirs]
+        found = [s for s in listed if s is not None]
+        root = None if found else _unlisted(url, fs, path, full)  # no split subdirectories: the shards here
+        found += [root] if root is not None else []
     if split is not None:
         found = [s for s in found if s.split in (split, None)]
     if not found:
@@ -128,12 +130,8 @@ def resolve_shards(source: str | Sequence[str], *, split: str | None = None,
         return [_from_manifest(source, options)]
     if source.endswith(".tar"):
         return [ShardSet(label=source, urls=(source,))]
-    fs, path = url_to_fs(source, **options)
-    try:
+    with remote_errors(source, ShardFormatError, "shard set", options):
+        fs, path = filesystem(source, options)
         if not fs.exists(path):
             raise ShardFormatError(f"{source}: no such file or directory")
         return _from_dir(source, fs, path, options, split)
-    except PermissionError as e:
-        raise ShardFormatError(f"{source}: access denied ({e}); check the credentials") from e
-    except REMOTE_ERRORS as e:
-        raise ShardFormatError(f"{source}: unreachable ({e})") from e

@@ -75,6 +75,7 @@ def _mix_rank_main(rank: int, world: int, port: int, roots: list[str], out: str)
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_gloo_ranks_get_exact_mix_counts(tmp_path: Path) -> None:
     """Weights 0.6/0.3/0.1 over sources of 500, 120 and 20 samples: 240/120/40 per epoch,

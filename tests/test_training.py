@@ -37,7 +37,8 @@ def data_roots(tmp_path_factory) -> dict[str, Path]:
             "imagenet100": class_shards(root, "imagenet100")}
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=pytest.mark.slow) if "efficientnet" in e else e
+                                        for e in EXPERIMENTS])
 def test_every_experiment_runs_fast_dev_run(tmp_path: Path, data_roots, experiment: str) -> None:
     dataset = experiment.split("_")[0]
     cfg = config(tmp_path, f"experiment={experiment}", f"data.train={data_roots[dataset]}",
@@ -304,6 +305,7 @@ def test_evaluate_a_mix_checkpoint_counts_each_heads_own_samples(tmp_path: Path,
     assert samples == {"note_number": 64, "note_velocity": 64, "fine": 48, "coarse": 48, "dataset": 112}
 
 
+@pytest.mark.slow
 def test_ddp_training_on_a_mix_splits_every_source_across_ranks(tmp_path: Path, data_roots) -> None:
     """The mix datamodule is built before Lightning starts DDP: each rank must still read
     its own half of every source (vimh 64 and cifar100mh 48 train samples, 50/50)."""

@@ -61,16 +61,25 @@ def check_block(schema: DatasetSchema, block: SampleBlock, where: str) -> None:
                           f"in 0..{limits[col - 1] - 1}, found {int(block.labels[row, col - 1])!r}")
 
 
+def encode_block(schema: DatasetSchema, encoder: LabelEncoder, block: SampleBlock, where: str,
+                 keys: Sequence[str] | None = None) -> Prepared:
+    """One block checked against the schema and turned into tar members (image, label
+    record) and label columns; keys default to the samples' source indices. Every way into
+    shards (the converters and ``write_shards``) goes through here."""
+    check_block(schema, block, where)
+    images = Rows(block.images) if isinstance(block.images, np.ndarray) else block.images
+    labels = Rows(*encoder.encode(block.labels, block.extra))
+    return (list(keys) if keys is not None else sample_keys(block.indices),
+            [(schema.image.encoding, images), ("labels.msgpack", labels)], label_columns(schema, block.labels),
+            block.covered)
+
+
 def prepare_blocks(source: SourceSplit, schema: DatasetSchema, indices: Sequence[int]) -> Iterator[Prepared]:
-    """The samples at ``indices``, checked and turned into tar members and label columns
-    (the source and schema of a plan, not the plan: a worker is not sent the whole order)."""
-    encoder, ext = LabelEncoder(schema), schema.image.encoding
+    """The samples at ``indices``, checked and encoded (the source and schema of a plan, not
+    the plan: a worker is not sent the whole order)."""
+    encoder = LabelEncoder(schema)
     for block in source.format.iter_blocks(source.src, source.split, indices):
-        check_block(schema, block, f"{source.src} ({source.split})")
-        images = Rows(block.images) if isinstance(block.images, np.ndarray) else block.images
-        labels = Rows(*encoder.encode(block.labels, block.extra))
-        yield (sample_keys(block.indices), [(ext, images), ("labels.msgpack", labels)],
-               label_columns(schema, block.labels), block.covered)
+        yield encode_block(schema, encoder, block, f"{source.src} ({source.split})")
 
 
 def _prepare_chunk(source: SourceSplit, schema: DatasetSchema, indices: Sequence[int]) -> list[Prepared]:

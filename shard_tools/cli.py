@@ -49,10 +49,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from shard_tools.conversion.nodes import merge_manifests
+    from shard_tools.manifests import write_manifests
 
-    for split, m in merge_manifests(args.out).items():
-        print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards, manifest written")
+    for split, (m, done) in write_manifests(args.out).items():
+        print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards, manifest {done}")
     return 0
 
 
@@ -107,11 +107,20 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add_options(parser: argparse.ArgumentParser, owned: Mapping[str, Sequence[CliOption]]) -> None:
+    """Every format's options; an option several formats share (``--on-bad``) is added once,
+    its help naming each and its choices their union (each format checks its own)."""
+    merged: dict[str, tuple[CliOption, list[str], list[str]]] = {}
     for name, options in owned.items():
         for option in options:
-            kwargs = option.argparse_kwargs()
-            kwargs["help"] = f"{name} only: {kwargs['help']}"
-            parser.add_argument(option.flag, **kwargs)
+            _, helps, choices = merged.setdefault(option.flag, (option, [], []))
+            helps.append(f"{name}: {option.help}")
+            choices.extend(c for c in option.choices or () if c not in choices)
+    for flag, (option, helps, choices) in merged.items():
+        kwargs = option.argparse_kwargs()
+        kwargs["help"] = "; ".join(helps)
+        if choices:
+            kwargs["choices"] = choices
+        parser.add_argument(flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, {name: entry.options for name, entry in FORMATS.items()})
     p.set_defaults(run=_convert)
 
-    p = sub.add_parser("manifest", help="merge the node manifests of a multi-node conversion")
-    p.add_argument("out", help="the conversion's output directory")
+    p = sub.add_parser("manifest", help="merge a multi-node conversion's node manifests, or rebuild a split's "
+                                        "missing or stale manifest after checking its shards")
+    p.add_argument("out", help="a shard-set root (split directories) or one split directory")
     p.set_defaults(run=_manifest)
 
     p = sub.add_parser("validate", help="check shards and report every problem")

@@ -48,6 +48,8 @@ class ValidationReport:
     samples: int = 0
     bytes: int = 0
     splits: dict[str, int] = field(default_factory=dict)
+    found: dict[str, ShardInfo] = field(default_factory=dict)  # by URL: each readable shard as it is
+    schemas: dict[str, DatasetSchema] = field(default_factory=dict)  # by split label: the schema its headers give
 
     @property
     def ok(self) -> bool:
@@ -292,7 +294,10 @@ def _validate_set(shards: ShardSet, decode: bool, options: dict[str, Any],
             continue
         report.shards += 1
         report.bytes += found[1]
+        report.found[url] = ShardInfo(url.rsplit("/", 1)[-1], *found)
         if info is not None:
             _compare(info, url, found, report.problems)
     report.samples += state.samples
     report.splits[shards.label] = state.samples
+    if state.schema is not None:
+        report.schemas[shards.label] = state.schema

@@ -26,7 +26,6 @@ from pipeline.io.reading import iter_shard
 from shard_tools.cli import main
 from shard_tools.convert import convert
 from shard_tools.formats.imagenet100.class_lists import builtin_class_list
-from shard_tools.formats.imagenet100.jpeg_header import jpeg_header
 from shard_tools.formats.imagenet100.reader import (
     NOT_RGB,
     OK,
@@ -36,6 +35,7 @@ from shard_tools.formats.imagenet100.reader import (
     probe_bytes,
 )
 from shard_tools.formats.imagenet100.synthetic import generate_imagenet100, read_class
+from shard_tools.formats.jpeg_header import jpeg_header
 from shard_tools.validate import validate
 from tests.conftest import no_output
 from tests.test_make import needs_make, run_make
@@ -256,7 +256,7 @@ def test_make_shards_imagenet100_from_a_generated_source(tmp_path: Path) -> None
         "train": 300, "val": 100}
 
 
-# The fast header check (shard_tools.formats.imagenet100.jpeg_header) against Pillow's: same kind,
+# The fast header check (shard_tools.formats.jpeg_header) against Pillow's: same kind,
 # detail and size on every file, whether the fast walk decides or leaves it to Pillow.
 
 def _pillow(data: bytes) -> Probe:

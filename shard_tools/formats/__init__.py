@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.errors import ConversionError
-from shard_tools.formats import cifar100mh, imagenet100, vimh
+from shard_tools.formats import cifar100mh, imagenet100, vimh, webdataset
 from shard_tools.formats.base import FormatEntry, Generator, SampleBlock, SourceFormat
 
-FORMATS: dict[str, FormatEntry] = {entry.name: entry for entry in (vimh.FORMAT, cifar100mh.FORMAT, imagenet100.FORMAT)}
+FORMATS: dict[str, FormatEntry] = {entry.name: entry for entry in (
+    vimh.FORMAT, cifar100mh.FORMAT, imagenet100.FORMAT, webdataset.FORMAT)}
 
 __all__ = ["FORMATS", "FormatEntry", "Generator", "SampleBlock", "SourceFormat", "generators", "get_format"]
 

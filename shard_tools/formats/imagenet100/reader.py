@@ -27,7 +27,7 @@ from pipeline.errors import ConversionError, SchemaError
 from pipeline.format.schema import DatasetSchema, FixedParameter, Head, ImageSpec, Provenance
 from shard_tools.formats.base import SampleBlock, blocks_of
 from shard_tools.formats.imagenet100.class_lists import BUILTIN_LISTS, ClassList, load_class_list
-from shard_tools.formats.imagenet100.jpeg_header import jpeg_header
+from shard_tools.formats.jpeg_header import jpeg_header
 from shard_tools.version import CONVERTER_VERSION
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _fast(data: bytes) -> Probe | None:
 
 def probe_bytes(data: bytes) -> Probe:
     """:func:`probe` of a whole file's bytes; Pillow opens only what the fast JPEG header
-    walk (:mod:`~shard_tools.formats.imagenet100.jpeg_header`) leaves undecided."""
+    walk (:mod:`~shard_tools.formats.jpeg_header`) leaves undecided."""
     found = _fast(data)
     return probe(io.BytesIO(data)) if found is None else found
 

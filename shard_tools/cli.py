@@ -62,6 +62,9 @@ def _validate(args: argparse.Namespace) -> int:
     report = validate(args.source, decode=args.decode, progress=None if not args.quiet else False)
     for problem in report.problems:
         print(problem)
+    if report.unresolved:
+        print(f"error: could not read {', '.join(report.unresolved)}: nothing there was validated", file=sys.stderr)
+        return 2
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     splits = ", ".join(f"{k}: {v}" for k, v in report.splits.items())
@@ -79,10 +82,10 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     for entry in [] if args.json else summary:
         schema = entry["schema"]
-        image = schema["image"]
         print(f"{schema['name']} [{entry['split']}]: {entry['samples']} samples in {entry['shards']} "
-              f"shards; image {image['height']}x{image['width']}x{image['channels']} "
-              f"{image['encoding']} {image['layout']}")
+              f"shards; image {entry['image']}")
+        if entry["incomplete"]:
+            print(f"  warning: {entry['incomplete']}")
         for head in schema["heads"]:
             extra = (f" range {head['min']}..{head['max']} step {head['step']}"
                      if head["kind"] == "quantized" else "")

@@ -25,8 +25,8 @@ def summarize(source: str | Sequence[str], storage_options: dict[str, Any] | Non
             samples = shards.manifest.num_samples
         else:
             samples = sum(1 for url in shards.urls for _ in iter_shard(url, storage_options))
-        out.append({"split": shards.label, "schema": schema.to_dict(),
-                    "shards": len(shards.urls), "samples": samples})
+        out.append({"split": shards.label, "schema": schema.to_dict(), "image": schema.image.describe(),
+                    "shards": len(shards.urls), "samples": samples, "incomplete": shards.incomplete})
     return out
 
 
@@ -35,16 +35,18 @@ def _schema(shards: ShardSet, storage_options: dict[str, Any] | None) -> Dataset
 
 
 def _caption(schema: DatasetSchema, record: dict[str, Any]) -> list[str]:
+    """One line per head, the head's whole name: a class head's class name (or index), a
+    quantized head's real value and its class's value (``step`` apart)."""
     lines = []
     for head in schema.heads:
         entry = record.get(head.name, {})
+        cls = entry.get("class", -1)
         if head.kind == "quantized":
-            lines.append(f"{head.name[:12]}={entry.get('value', float('nan')):.3g} "
-                         f"c{entry.get('class')}")
+            centre = head.min + cls * head.step if head.step and head.min is not None else cls
+            lines.append(f"{head.name}: {entry.get('value', float('nan')):.4g} (class {centre:.4g})")
         else:
             names = head.class_names
-            cls = entry.get("class", -1)
-            lines.append(f"{head.name[:12]}={names[cls] if names and 0 <= cls < len(names) else cls}")
+            lines.append(f"{head.name}: {names[cls] if names and 0 <= cls < len(names) else cls}")
     return lines
 
 
@@ -53,16 +55,18 @@ def write_grid(source: str | Sequence[str], out_png: str | Path, *, count: int =
     """Write a PNG grid of the first ``count`` samples, each captioned with its head values."""
     shards = resolve_shards(source, storage_options=storage_options)[0]
     schema = _schema(shards, storage_options)
-    tiles = []
+    found: list[tuple[np.ndarray, list[str]]] = []
     for url in shards.urls:
         for key, members in iter_shard(url, storage_options):
             image = decode_image(schema.image, members[schema.image.encoding], f"{url}: {key}")
             record = decode_labels(members["labels.msgpack"], f"{url}: {key}")
-            tiles.append(_tile(image, [key, *_caption(schema, record)], tile))
-            if len(tiles) >= count:
+            found.append((image, [key, *_caption(schema, record)]))
+            if len(found) >= count:
                 break
-        if len(tiles) >= count:
+        if len(found) >= count:
             break
+    text_width = CHAR_WIDTH * max((len(line) for _, caption in found for line in caption), default=0)
+    tiles = [_tile(image, caption, tile, max(tile, text_width)) for image, caption in found]
     columns = max(1, min(8, len(tiles)))
     rows = max(1, -(-len(tiles) // columns))
     width, height = tiles[0].size if tiles else (tile, tile)
@@ -75,14 +79,18 @@ def write_grid(source: str | Sequence[str], out_png: str | Path, *, count: int =
     return out
 
 
-def _tile(chw: np.ndarray, caption: list[str], size: int) -> Image.Image:
+CHAR_WIDTH, LINE_HEIGHT = 6, 11  # of PIL's default font
+
+
+def _tile(chw: np.ndarray, caption: list[str], size: int, width: int) -> Image.Image:
+    """The image scaled to ``size`` with its caption below, uncut: ``width`` fits the
+    grid's longest caption line."""
     hwc = chw.transpose(1, 2, 0)
     img = Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc[:, :, :3])
     img = img.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
-    line, width = 11, max(size, 132) + 8  # 22 characters of the default font
-    canvas = Image.new("RGB", (width, size + 6 + line * len(caption)), "white")
+    canvas = Image.new("RGB", (width + 8, size + 6 + LINE_HEIGHT * len(caption)), "white")
     canvas.paste(img, (4, 4))
     draw = ImageDraw.Draw(canvas)
     for i, text in enumerate(caption):
-        draw.text((4, size + 5 + i * line), text[:22], fill="black")
+        draw.text((4, size + 5 + i * LINE_HEIGHT), text, fill="black")
     return canvas

@@ -49,6 +49,7 @@ class ValidationReport:
     bytes: int = 0
     splits: dict[str, int] = field(default_factory=dict)
     found: dict[str, ShardInfo] = field(default_factory=dict)  # by URL: each readable shard as it is
+    unresolved: list[str] = field(default_factory=list)  # sources that named nothing readable
     schemas: dict[str, DatasetSchema] = field(default_factory=dict)  # by split label: the schema its headers give
 
     @property
@@ -276,6 +277,7 @@ def _resolve_each(source: str | Sequence[str], options: dict[str, Any], report: 
         if isinstance(source, str) or len(source) == 1:
             name = source if isinstance(source, str) else source[0]
             report.problems.append(Problem(name, None, str(e).removeprefix(f"{name}: ")))
+            report.unresolved.append(name)
             return []
     return [s for item in source for s in _resolve_each(item, options, report)]
 

@@ -78,6 +78,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP) ## Benchmarks against webdataset, litdata and mosaicml-streaming (writes docs/bench/)
 	$(BIN)/python -m benchmarks.bench_convert
 	$(BIN)/python -m benchmarks.bench_loader
+	$(BIN)/python -m benchmarks.bench_decode
 	$(BIN)/python -m benchmarks.bench_stall
 	$(BIN)/python -m benchmarks.bench_convert_scale
 	$(BIN)/python -m benchmarks.bench_mix

@@ -91,13 +91,14 @@ def _wds_raw(shape: tuple[int, int, int], data: bytes) -> np.ndarray:
 
 
 def webdataset(w: Workload, *, batch_size: int, workers: int, persistent: bool = False,
-               buffer: int = 1000) -> Iterable[Batch]:
+               buffer: int = 1000, image: Callable[[bytes], Image] | None = None) -> Iterable[Batch]:
     """``WebDataset(...).shuffle(1000).to_tuple(...).map(...).batched(B)`` in a DataLoader with
-    ``batch_size=None``; WebDataset's default collation stacks numpy images / ints."""
+    ``batch_size=None``; WebDataset's default collation stacks numpy images / ints. ``image``:
+    bytes to image (default: the workload's decoder)."""
     import webdataset as wds
 
     urls = [str(w.ours / "train" / s.name) for s in read_manifest(str(w.ours / "train" / "manifest.json")).shards]
-    image = partial(_wds_raw, w.shape) if w.encoding == "raw" else decode_jpg
+    image = image or (partial(_wds_raw, w.shape) if w.encoding == "raw" else decode_jpg)
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node,
                               workersplitter=wds.split_by_worker)
                .shuffle(buffer).to_tuple(w.encoding, "labels.msgpack")
@@ -118,7 +119,7 @@ def _item(image: Callable[[bytes], torch.Tensor], heads: tuple[str, ...], item: 
 
 
 def litdata(w: Workload, root: Path, *, batch_size: int, workers: int, persistent: bool = False,
-            batch_decode: int | str = 0) -> Iterable[Batch]:
+            batch_decode: int | str = 0, image: Callable[[bytes], torch.Tensor] | None = None) -> Iterable[Batch]:
     """``StreamingDataset(dir, shuffle=True, transform=decode, batch_decode=...)`` +
     ``StreamingDataLoader``. ``batch_decode=0`` (decode item by item) was several times faster
     with two workers on raw32 than the default ``"auto"`` and no slower on JPEG; both are run."""
@@ -126,7 +127,7 @@ def litdata(w: Workload, root: Path, *, batch_size: int, workers: int, persisten
 
     cache = root.parent / f"{root.name}-cache-{batch_decode}-{persistent}"
     dataset = StreamingDataset(str(root), cache_dir=str(cache), shuffle=True, seed=0,
-                               transform=partial(_item, decoder(w), w.heads), batch_decode=batch_decode)
+                               transform=partial(_item, image or decoder(w), w.heads), batch_decode=batch_decode)
     loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True,
                                  persistent_workers=persistent)
     return Epochs(lambda: loader, _pair, loader)
@@ -150,13 +151,13 @@ def _mds_class() -> type:
     return DecodedMDS
 
 
-def mosaicml_streaming(w: Workload, root: Path, *, batch_size: int, workers: int,
-                       persistent: bool = False) -> Iterable[Batch]:
+def mosaicml_streaming(w: Workload, root: Path, *, batch_size: int, workers: int, persistent: bool = False,
+                       image: Callable[[bytes], torch.Tensor] | None = None) -> Iterable[Batch]:
     """``StreamingDataset(local=dir, shuffle=True, batch_size=B)`` + ``DataLoader(batch_size=B)``."""
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
-    dataset = _mds_class()(decoder(w), w.heads, local=str(root), shuffle=True, shuffle_seed=0,
+    dataset = _mds_class()(image or decoder(w), w.heads, local=str(root), shuffle=True, shuffle_seed=0,
                            batch_size=batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=persistent)
     return Epochs(lambda: loader, _pair)

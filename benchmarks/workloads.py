@@ -2,8 +2,9 @@
 
 1. ``raw32``: the synthetic VIMH source (32x32x3 planar raw pixels, two quantized heads),
    converted to our shards with ``convert``.
-2. ``jpeg256``: synthetic photo-like 256x256 RGB JPEGs (gradients, waves, shapes and noise,
-   quality 90, about 19 KB each) with one 100-class label, written with our ``ShardWriter``.
+2. ``jpeg256``: synthetic photo-like 256x256 RGB JPEGs (``benchmarks.photos``: gradients,
+   waves, shapes and noise, quality 90) with one 100-class label, written with our
+   ``ShardWriter``; ``jpegvaried``: the same with sides of 160-500 px (ImageNet-like).
 
 Every tool reads the same samples. The peers' formats (litdata, MosaicML MDS) are written
 from the same bytes in the same order as our shards; their labels are the class indices our
@@ -12,9 +13,7 @@ loader yields (``labels[head]``), stored as plain ints.
 
 from __future__ import annotations
 
-import io
 import json
-import multiprocessing
 import os
 import pickle
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.photos import photo_set_parallel
 from pipeline.format.labels import encode_labels
 from pipeline.format.schema import DatasetSchema, Head, ImageSpec
 from pipeline.io.reading import read_manifest
@@ -34,7 +34,6 @@ from shard_tools.writer import ShardWriter
 
 JPEG_SIZE = 256
 JPEG_CLASSES = 100
-JPEG_QUALITY = 90
 RAW_SHARDS = 6  # 10,000 samples each at full size
 JPEG_SHARDS = 4  # 1,000 samples each at full size
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -95,60 +94,29 @@ def make_raw32(work: Path, n: int, shard_samples: int | None = None) -> Workload
 
 # --- workload 2: photo-like JPEGs --------------------------------------------------------------
 
-def photo_jpeg(rng: np.random.Generator, noise: np.ndarray, size: int = JPEG_SIZE) -> bytes:
-    """One synthetic photo-like RGB JPEG: a colour gradient, a soft wave, a few flat
-    shapes, and sensor-like noise (a random crop of a shared noise field)."""
-    from PIL import Image, ImageDraw
-
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0, c1, c2 = rng.uniform(0, 255, (3, 3)).astype(np.float32)
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.cos(angle) * x + np.sin(angle) * y
-    t = (t - t.min()) / (np.ptp(t) + 1e-6)
-    img = c0 * (1 - t)[..., None] + c1 * t[..., None]
-    fx, fy = rng.uniform(1, 6, 2)
-    wave = np.sin(2 * np.pi * (fx * x + rng.uniform())) * np.cos(2 * np.pi * fy * y)
-    img += 30 * wave[..., None] * (c2 / 255)
-    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    for _ in range(int(rng.integers(3, 7))):
-        x0, y0 = (int(v) for v in rng.integers(0, size, 2))
-        w, h = (int(v) for v in rng.integers(20, 120, 2))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape([x0, y0, x0 + w, y0 + h], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    oy, ox = (int(v) for v in rng.integers(0, noise.shape[0] - size, 2))
-    pixels = np.asarray(pil).astype(np.int16) + noise[oy:oy + size, ox:ox + size]
-    out = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=JPEG_QUALITY)
-    return out.getvalue()
-
-
-def jpeg_schema() -> DatasetSchema:
-    return DatasetSchema(name="jpeg-bench", split="train",
-                         image=ImageSpec(JPEG_SIZE, JPEG_SIZE, 3, encoding="jpg", layout="HWC"),
+def jpeg_schema(kind: str = "256") -> DatasetSchema:
+    side = JPEG_SIZE if kind == "256" else None
+    return DatasetSchema(name=f"jpeg{kind}-bench", split="train",
+                         image=ImageSpec(side, side, 3, encoding="jpg", layout="HWC"),
                          heads=(Head(name="label", kind="class", num_classes=JPEG_CLASSES),))
 
 
-_NOISE: dict[int, np.ndarray] = {}
-
-
-def _nth_photo(seed: int, i: int) -> bytes:
-    if seed not in _NOISE:
-        _NOISE[seed] = np.random.default_rng(seed).normal(0, 8, (2 * JPEG_SIZE, 2 * JPEG_SIZE, 3)).astype(np.int16)
-    return photo_jpeg(np.random.default_rng([seed, i]), _NOISE[seed])
+def make_jpeg(work: Path, n: int, kind: str = "256", seed: int = 0) -> Workload:
+    """``n`` photo-like JPEGs (``benchmarks.photos``): ``kind="256"`` 256x256, ``"varied"``
+    sides of 160-500 px (image ``i`` depends only on ``seed`` and ``i``; made on every core)."""
+    images = photo_set_parallel(kind, n, seed=seed, processes=os.cpu_count() or 1)
+    classes = np.random.default_rng([seed, n]).integers(0, JPEG_CLASSES, n).astype(np.int64)
+    ours = work / f"jpeg{kind}-ours"
+    with ShardWriter(ours / "train", jpeg_schema(kind), max_samples=-(-n // JPEG_SHARDS)) as writer:
+        for i, (jpeg, c) in enumerate(zip(images, classes.tolist(), strict=True)):
+            writer.write(f"{i:08d}", [("jpg", jpeg), ("labels.msgpack", encode_labels({"label": {"class": c}}))])
+    title = f"{JPEG_SIZE}x{JPEG_SIZE} RGB JPEG" if kind == "256" else "RGB JPEG, sides 160-500 px"
+    shape = (3, JPEG_SIZE, JPEG_SIZE) if kind == "256" else (3, 0, 0)
+    return Workload(f"jpeg{kind}", f"{title}, 1 head", "jpg", shape, images, {"label": classes}, ours)
 
 
 def make_jpeg256(work: Path, n: int, seed: int = 0) -> Workload:
-    """``n`` photo-like JPEGs (image ``i`` depends only on ``seed`` and ``i``; made on every core)."""
-    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
-        images = pool.map(partial(_nth_photo, seed), range(n), chunksize=64)
-    classes = np.random.default_rng([seed, n]).integers(0, JPEG_CLASSES, n).astype(np.int64)
-    ours = work / "jpeg256-ours"
-    with ShardWriter(ours / "train", jpeg_schema(), max_samples=-(-n // JPEG_SHARDS)) as writer:
-        for i, (jpeg, c) in enumerate(zip(images, classes.tolist(), strict=True)):
-            writer.write(f"{i:08d}", [("jpg", jpeg), ("labels.msgpack", encode_labels({"label": {"class": c}}))])
-    return Workload("jpeg256", f"{JPEG_SIZE}x{JPEG_SIZE} RGB JPEG, 1 head", "jpg", (3, JPEG_SIZE, JPEG_SIZE),
-                    images, {"label": classes}, ours)
+    return make_jpeg(work, n, "256", seed)
 
 
 def check_ours(w: Workload) -> None:

@@ -23,31 +23,33 @@ from pipeline.format.schema import DatasetSchema, FixedParameter, Head, ImageSpe
 from pipeline.io.reading import read_header, read_manifest
 
 if TYPE_CHECKING:
+    from pipeline.loading.decode_spec import DecodeSpec
     from pipeline.loading.decoded import value_key
     from pipeline.loading.inputs import Transform
     from pipeline.loading.loader import ShardLoader, default_world
     from pipeline.loading.make_loader import make_loader, read_schema
     from pipeline.mixing.mix import MixSource, mix
 
-_LAZY = {"make_loader": "pipeline.loading.make_loader", "read_schema": "pipeline.loading.make_loader",
+_LAZY = {"DecodeSpec": "pipeline.loading.decode_spec",
+         "make_loader": "pipeline.loading.make_loader", "read_schema": "pipeline.loading.make_loader",
          "ShardLoader": "pipeline.loading.loader", "default_world": "pipeline.loading.loader",
          "Transform": "pipeline.loading.inputs", "value_key": "pipeline.loading.decoded",
          "mix": "pipeline.mixing.mix", "MixSource": "pipeline.mixing.mix"}
 
-__all__ = [
+__all__ = [  # those in _LAZY load on first use
     "HEADER_MEMBER",
     "MANIFEST_NAME",
     "CheckpointError",
     "ConfigError",
     "ConversionError",
     "DatasetSchema",
+    "DecodeSpec",
     "FixedParameter",
     "Head",
     "HeaderMismatchError",
     "ImageSpec",
     "Manifest",
     "ManifestError",
-    # loaded on first use (they import torch)
     "MixSource",
     "PipelineError",
     "Provenance",

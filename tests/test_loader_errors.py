@@ -143,7 +143,8 @@ def test_images_of_varying_size_need_a_transform(tmp_path: Path) -> None:
     from tests.fakes import class_shards
 
     root = class_shards(tmp_path, "imagenet100", n=20)
-    with pytest.raises(PipelineError, match=r"vary in size \(\(varying\)x3 jpg HWC\); pass a transform"):
+    with pytest.raises(PipelineError, match=r"vary in size \(\(varying\)x3 jpg HWC\); "
+                                            r"pass decode=pipeline.DecodeSpec\(224\) .* or a transform"):
         make_loader(str(root), batch_size=8, num_workers=0)
     loader = make_loader(str(root), batch_size=8, num_workers=0, transform=v2.CenterCrop(20), with_keys=True)
     shapes = [tuple(images.shape) for images, _, _ in loader]

@@ -246,7 +246,8 @@ def test_every_mix_experiment_runs_fast_dev_run(tmp_path: Path, data_roots, expe
     extra = {"a": {"val_split": "val", "test_split": "val"}} if first == "imagenet100" else {}
     cfg = config(tmp_path, f"experiment={experiment}", mix_sources(("a", roots[first], 0.5),
                                                                      ("b", roots[second], 0.5), **extra),
-                 "trainer.fast_dev_run=true", "data.batch_size=8", "data.image_size=32")  # vimh here: 16x16
+                 "trainer.fast_dev_run=true", "data.batch_size=8",  # vimh here: 16x16
+                 "data.decode.size=32" if first == "imagenet100" else "data.image_size=32")
     metrics = train(cfg)
     heads = {"vimh": ["note_number", "note_velocity"], "cifar100mh": ["fine", "coarse"], "cifar100": ["fine", "coarse"],
              "imagenet100": ["label"]}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline import ShardLoader, Transform, make_loader
+from pipeline import ShardLoader, Transform, make_loader, read_schema
 from pipeline.io.disk_cache import DEFAULT_LIMIT
-from training.shard_datamodule import STAGES, LoaderSettings, ShardDataModule
+from training.shard_datamodule import STAGES, DecodeSettings, LoaderSettings, ShardDataModule
 
 Source = str | Sequence[str]
 
@@ -21,7 +21,8 @@ class MultiheadDataModule(ShardDataModule):
                  seed: int = 0, shuffle_buffer: int = 4096, drop_last: bool = False, on_error: str = "raise",
                  storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
                  cache_limit: int = DEFAULT_LIMIT, with_keys: bool = False, image_size: int | None = None,
-                 train_transform: Transform | None = None, eval_transform: Transform | None = None) -> None:
+                 train_transform: Transform | None = None, eval_transform: Transform | None = None,
+                 decode: DecodeSettings | Mapping[str, Any] | None = None) -> None:
         self.sources = dict(zip(STAGES, ((train, train_split), (val or train, val_split), (test or train, test_split)),
                                 strict=True))
         settings = LoaderSettings(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
@@ -29,15 +30,20 @@ class MultiheadDataModule(ShardDataModule):
                                   storage_options=storage_options, cache_dir=cache_dir, cache_limit=cache_limit,
                                   with_keys=with_keys)
         super().__init__(settings, image_size=image_size, train_transform=train_transform,
-                         eval_transform=eval_transform)
+                         eval_transform=eval_transform, decode=decode)
 
     def build_train(self) -> ShardLoader:
-        source, split = self.sources["train"]
-        return make_loader(source, split=split, **self.loader_options(train=True))
+        return self._loader("train", train=True)
 
     def build_eval(self, stage: str) -> ShardLoader:
+        return self._loader(stage, train=False)
+
+    def _loader(self, stage: str, train: bool) -> ShardLoader:
         source, split = self.sources[stage]
-        return make_loader(source, split=split, **self.loader_options(train=False))
+        options = self.settings.storage_options
+        images = self.image_options(read_schema(source, split=split, storage_options=options), train) \
+            if self.decode is not None else self.image_options(None, train)
+        return make_loader(source, split=split, **self.loader_options(train), **images)
 
     def describe(self, stage: str) -> str:
         source, split = self.sources[stage]

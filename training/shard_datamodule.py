@@ -3,18 +3,33 @@ built with the module, so the schema (and the model's heads) come from the loade
 unreachable or missing shards fail before training starts; it is built again when
 Lightning starts DDP; evaluation splits must have the training data's heads; the train
 loader's place in its epoch is saved in checkpoints as the number of batches trained, so a
-resumed run continues with the next batch of the same epoch order."""
+resumed run continues with the next batch of the same epoch order.
+
+Images reach the model as ``image_size`` squares: JPEG/PNG sources through the decode
+stage when ``decode`` is given (a random resized crop and flip for training, resize and
+centre crop for evaluation, decoded at that size: :class:`DecodeSettings`), other images
+through ``train_transform``/``eval_transform`` (default: the same geometry with torchvision
+v2). The model is sized from what the train loader gives."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 
-from pipeline import ConfigError, DatasetSchema, ImageSpec, SchemaError, ShardLoader, Transform, default_world
+from pipeline import (
+    ConfigError,
+    DatasetSchema,
+    DecodeSpec,
+    ImageSpec,
+    SchemaError,
+    ShardLoader,
+    Transform,
+    default_world,
+)
 from pipeline.format.schema import check_same_heads
 from pipeline.io.disk_cache import DEFAULT_LIMIT
 
@@ -30,6 +45,37 @@ def default_transforms(size: int, *, train: bool) -> Transform:
     if train:
         return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
     return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The decode stage's specs for training and evaluation, one ``size``: ``train`` and
+    ``eval`` hold the other :class:`pipeline.DecodeSpec` fields (from YAML:
+    ``data.decode.size=112``, ``data.decode.train.scale=[0.2,1.0]``)."""
+
+    size: int
+    train: Mapping[str, Any] = field(default_factory=lambda: {"crop": "random", "flip": True})
+    eval: Mapping[str, Any] = field(default_factory=lambda: {"crop": "center"})
+
+    @classmethod
+    def of(cls, value: DecodeSettings | Mapping[str, Any] | None) -> DecodeSettings | None:
+        if value is None or isinstance(value, DecodeSettings):
+            return value
+        unknown = sorted(set(value) - {"size", "train", "eval"})
+        if unknown or "size" not in value:
+            raise ConfigError(f"data.decode: expected size and optionally train and eval (DecodeSpec fields), "
+                              f"found {sorted(value)}")
+        settings = cls(**value)
+        for train in (True, False):  # bad fields fail now
+            settings.spec(train)
+        return settings
+
+    def spec(self, train: bool) -> DecodeSpec:
+        fields = dict(self.train if train else self.eval)
+        if "size" in fields:
+            raise ConfigError(f"data.decode.{'train' if train else 'eval'}: the size is data.decode.size, "
+                              f"found a size here too ({fields['size']})")
+        return DecodeSpec.from_fields({"size": self.size, **fields}, f"data.decode.{'train' if train else 'eval'}")
 
 
 class _EpochSetter:
@@ -90,9 +136,16 @@ class ShardDataModule(L.LightningDataModule):
     stage's evaluation loader; everything else is here (see the module)."""
 
     def __init__(self, settings: LoaderSettings, *, image_size: int | None = None,
-                 train_transform: Transform | None = None, eval_transform: Transform | None = None) -> None:
+                 train_transform: Transform | None = None, eval_transform: Transform | None = None,
+                 decode: DecodeSettings | Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.settings = settings
+        self.decode = DecodeSettings.of(decode)
+        if self.decode is not None:
+            if image_size not in (None, self.decode.size):
+                raise ConfigError(f"data.image_size {image_size} and data.decode.size {self.decode.size} differ; "
+                                  "give one of them (the decode size is the image size)")
+            image_size = self.decode.size
         if image_size is not None:
             train_transform = train_transform or default_transforms(image_size, train=True)
             eval_transform = eval_transform or default_transforms(image_size, train=False)
@@ -116,17 +169,24 @@ class ShardDataModule(L.LightningDataModule):
         return {"batch_size": s.batch(train), "num_workers": s.num_workers, "seed": s.seed, "shuffle": train,
                 "shuffle_buffer": s.shuffle_buffer, "drop_last": s.drop_last and train, "on_error": s.on_error,
                 "storage_options": s.storage_options, "cache_dir": s.cache_dir, "cache_limit": s.cache_limit,
-                "with_keys": s.with_keys, "uneven": "drop" if train else "pad",
-                "transform": self.train_transform if train else self.eval_transform}
+                "with_keys": s.with_keys, "uneven": "drop" if train else "pad"}
+
+    def image_options(self, schema: DatasetSchema | None, train: bool) -> dict[str, Any]:
+        """How a source's images (``schema``: needed when ``decode`` is set) become what the
+        model sees: JPEG/PNG images through the decode stage when ``decode`` is set, else the
+        transform of training or evaluation."""
+        if self.decode is not None and schema is not None and schema.image.encoding != "raw":
+            return {"decode": self.decode.spec(train), "transform": None}
+        return {"decode": None, "transform": self.train_transform if train else self.eval_transform}
 
     def _input_image(self, image_size: int | None) -> ImageSpec:
-        """What the model sees: ``image_size`` squares after the transforms, else the shape the
-        inputs' own transforms were found to give (a mix), else the stored images."""
+        """What the model sees: the shape the train loader's decode specs and transforms were
+        found to give, else ``image_size`` squares, else the stored images."""
         spec, shape = self.schema.image, self._train.image_shape
-        if image_size is not None:
-            return ImageSpec(image_size, image_size, spec.channels)
         if shape is not None and len(shape) == 3:
             return ImageSpec(height=shape[1], width=shape[2], channels=shape[0])
+        if image_size is not None:
+            return ImageSpec(image_size, image_size, spec.channels)
         if not spec.fixed_size:
             raise SchemaError(f"the images of {self.schema.name!r} vary in size; set image_size (and, if "
                               "you like, train_transform/eval_transform) so that the model sees one size")

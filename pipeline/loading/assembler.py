@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.errors import ShardFormatError
 from pipeline.format.schema import DatasetSchema
-from pipeline.loading.decoded import BatchRefs, DecodedShard, by_shard, gather_rows, value_key
+from pipeline.loading.decode_spec import NDRAWS, draw_key, sample_uniforms
+from pipeline.loading.decoded import BatchRefs, DecodedShard, by_shard, value_key
+from pipeline.loading.hand_off import HandOffBuffers
+from pipeline.loading.images import BadImage, InputImages, gather_pixels
 from pipeline.loading.inputs import ShardInput, Transform
 from pipeline.loading.packing import CLASSES, IMAGES, VALUES, Field, PackedGroup, field_views, packed_size
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -45,65 +45,109 @@ class ErrorCounter:
 
 class BatchAssembler:
     """Builds batches in ``schema`` from the shards of ``inputs`` (by ``DecodedShard.source``,
-    their labels already in ``schema``); each input's own transform runs on its images, then
-    ``transform``. Picklable, so it travels to dataloader workers."""
+    their labels already in ``schema``): each input's images as it stores them, or decoded at
+    the size its ``DecodeSpec`` says; each input's own transform, then ``transform``.
+    Random crops and flips draw from ``(seed, epoch)`` and the sample's place in the rank's
+    epoch. Picklable, so it travels to dataloader workers."""
 
     def __init__(self, schema: DatasetSchema, inputs: Sequence[ShardInput], *, transform: Transform | None = None,
-                 on_error: str = "raise") -> None:
-        self.schema, self.transform, self.on_error = schema, transform, on_error
-        self.images = tuple(put.schema.image for put in inputs)  # each input's stored images
+                 on_error: str = "raise", seed: int = 0, buffers: HandOffBuffers | None = None) -> None:
+        self.schema, self.transform, self.on_error, self.seed = schema, transform, on_error, seed
+        self.buffers = buffers or HandOffBuffers(0, 0)
+        self.images = InputImages(inputs)
         self.input_transforms = tuple(put.transform for put in inputs)
         self._per_input = any(t is not None for t in self.input_transforms)
         self._transforms = transform is not None or self._per_input
+        self._draws = any(spec is not None and spec.needs_draws for spec in self.images.decode)
         self.errors = ErrorCounter()
-        self._mode = ImageReadMode.GRAY if schema.image.channels == 1 else ImageReadMode.RGB
 
-    def __call__(self, group: Sequence[BatchRefs], with_keys: bool = False) -> PackedGroup:
+    def __call__(self, group: Sequence[BatchRefs], with_keys: bool = False,
+                 draws: tuple[int, Sequence[int]] = (0, ())) -> PackedGroup:
         """Consecutive batches packed into one buffer (in shared memory inside a dataloader
-        worker, so they cross to the main process in one hand-off, without another copy)."""
-        prepared = []
-        for refs in group:
-            refs, decoded = self._sound(by_shard(refs))
+        worker, reused once the main process is done with it, so they cross to the main
+        process in one hand-off, without another copy).
+        ``draws``: the epoch and, per batch, the place of its first sample in the rank's
+        epoch (what random crops and flips are drawn from)."""
+        epoch, starts = draws
+        key = draw_key(self.seed, epoch) if self._draws else None
+        uniforms = [self._uniforms(key, starts[b] if b < len(starts) else 0, len(refs))
+                    for b, refs in enumerate(group)]
+        batches = [self._known_sound(by_shard(refs)) for refs in group]
+        made = [self._transformed(refs, u) for refs, u in zip(batches, uniforms, strict=True)] \
+            if self._transforms else [(refs, None) for refs in batches]
+        fields = [self._fields(len(refs), images) for refs, images in made]
+        sizes = [packed_size(f) for f in fields]
+        buffer, slot = self.buffers.take(sum(sizes))
+        parts, offset, assembled = [], 0, []
+        for (refs, images), u, batch_fields, size in zip(made, uniforms, fields, sizes, strict=True):
+            views = field_views(buffer[offset:offset + size], batch_fields)
+            refs = self._fill(refs, images, u, views)
             keys = [refs.shards[k].index.keys[i] for k, i in zip(refs.which.tolist(), refs.where.tolist(),
                                                                    strict=True)] if with_keys else []
-            images = self._images(refs, decoded) if self._transforms else None
-            prepared.append((refs, decoded, keys, images, self._fields(len(refs), images)))
-        sizes = [packed_size(p[4]) for p in prepared]
-        buffer = torch.empty(sum(sizes), dtype=torch.uint8)
-        if get_worker_info() is not None:
-            buffer.share_memory_()
-        parts, offset = [], 0
-        for (refs, decoded, keys, images, fields), size in zip(prepared, sizes, strict=True):
-            self._fill(refs, decoded, images, field_views(buffer[offset:offset + size], fields))
-            parts.append((offset, size, fields, keys))
+            parts.append((offset, size, batch_fields, keys))
+            assembled.append(refs)
             offset += size
-        return PackedGroup(buffer, parts, self._input_counts([p[0] for p in prepared]))
+        return PackedGroup(buffer, parts, self._input_counts(assembled), slot)
+
+    @staticmethod
+    def _uniforms(key: np.ndarray | None, start: int, n: int) -> np.ndarray:
+        return sample_uniforms(key, start, n) if key is not None else np.zeros((n, NDRAWS))
 
     def _input_counts(self, batches: list[BatchRefs]) -> np.ndarray:
         """Samples per input in ``batches`` as assembled (after replacements)."""
-        counts = np.zeros(len(self.images), dtype=np.int64)
+        counts = np.zeros(len(self.images.stored), dtype=np.int64)
         for refs in batches:
             for shard, _, rows in refs.groups():
                 counts[shard.source] += len(rows)
         return counts
 
-    def _fill(self, refs: BatchRefs, decoded: dict[int, torch.Tensor], images: torch.Tensor | None,
-              views: dict[str, torch.Tensor]) -> None:
+    def _fill(self, refs: BatchRefs, images: torch.Tensor | None, u: np.ndarray,
+              views: dict[str, torch.Tensor]) -> BatchRefs:
+        """Images and labels into a batch's views; the refs as filled (a sample whose image
+        did not decode replaced by another of the batch)."""
         if images is not None:
             views[IMAGES].copy_(images)
-        elif self.schema.image.encoding == "raw":
-            self._gather_pixels(refs, views[IMAGES].numpy().reshape(len(refs), -1))
-        else:  # each decoded image straight into its slot: one copy, no stack
-            for j, slot in enumerate(views[IMAGES].unbind(0)):
-                slot.copy_(decoded[j])
+        elif self.images.raw_only():
+            gather_pixels(refs, self.schema.image, views[IMAGES].numpy().reshape(len(refs), -1))
+        else:
+            refs = self._decoded_into(refs, u, views[IMAGES])
         self._fill_labels(refs, views)
+        return refs
+
+    def _decoded_into(self, refs: BatchRefs, u: np.ndarray, out: torch.Tensor) -> BatchRefs:
+        """Each sample's image decoded straight into its slot of ``out``; a slot whose image
+        does not decode takes a copy of a good one (skip), or the batch fails (raise)."""
+        bad = []
+        for j, (k, i) in enumerate(zip(refs.which.tolist(), refs.where.tolist(), strict=True)):
+            try:
+                self.images.into(refs.shards[k], i, u[j], out[j])
+            except BadImage as e:
+                self._fail(refs.shards[k], i, str(e))
+                bad.append(j)
+        if not bad:
+            return refs
+        pick = self._replacements(refs, bad)
+        for j in bad:
+            out[j].copy_(out[int(pick[j])])
+        return BatchRefs(refs.shards, refs.which[pick], refs.where[pick])
+
+    def _replacements(self, refs: BatchRefs, bad: list[int]) -> np.ndarray:
+        """For each slot, the slot whose sample fills it: itself, or for a bad one another,
+        good one of the batch (so the batch keeps its size)."""
+        good = [j for j in range(len(refs)) if j not in set(bad)]
+        if not good:
+            raise ShardFormatError(f"{refs.shards[0].index.url}: every sample of a batch is bad "
+                                   f"(last: {self.errors.examples[-1]})")
+        pick = np.arange(len(refs))
+        for n, j in enumerate(bad):
+            pick[j] = good[n % len(good)]
+        return pick
 
     def _fields(self, n: int, images: torch.Tensor | None) -> tuple[Field, ...]:
         """The images, then every head's classes as one (heads, n) block and the quantized
         heads' values as another, so labels are filled with one gather per shard."""
-        spec = self.schema.image
-        image_field = (IMAGES, "uint8", (n, *spec.shape_chw)) if images is None else \
-            (IMAGES, str(images.dtype).removeprefix("torch."), tuple(images.shape))
+        image_field: Field = (IMAGES, str(images.dtype).removeprefix("torch."), tuple(images.shape)) \
+            if images is not None else (IMAGES, "uint8", (n, *self._shape()))
         heads = self.schema.heads
         fields: list[Field] = [image_field, ((CLASSES, tuple(h.name for h in heads)), "int64", (len(heads), n))]
         quantized = tuple(value_key(h.name) for h in heads if h.kind == "quantized")
@@ -111,71 +155,39 @@ class BatchAssembler:
             fields.append(((VALUES, quantized), "float32", (len(quantized), n)))
         return tuple(fields)
 
+    def _shape(self) -> tuple[int, int, int]:
+        shape = self.images.output_shape()
+        if shape is None:
+            raise ShardFormatError(f"{self.schema.name}: the inputs' images come out in different shapes; give a "
+                                   "transform (or decode specs) that makes them one size")
+        return shape
+
     def _fail(self, shard: DecodedShard, i: int, reason: str) -> None:
         message = f"{shard.index.url}: {shard.index.keys[i]}.{reason}"
         if self.on_error == "raise":
             raise ShardFormatError(message)
         self.errors.add(message)
 
-    def _sound(self, refs: BatchRefs) -> tuple[BatchRefs, dict[int, torch.Tensor]]:
-        """The batch with bad samples replaced by good ones of the same batch (or an error),
-        and the decoded images of encoded formats by batch position."""
-        if all(not shard.problems and self.images[shard.source].encoding == "raw" for shard in refs.shards):
-            return refs, {}  # nothing to decode, nothing known to be bad
-        bad: list[int] = []
-        decoded: dict[int, torch.Tensor] = {}
+    def _known_sound(self, refs: BatchRefs) -> BatchRefs:
+        """The batch with samples already known to be bad (found when their shard was
+        decoded: labels, missing members) replaced by good ones of it, or an error."""
+        if all(not shard.problems for shard in refs.shards):
+            return refs
+        bad = []
         for j, (k, i) in enumerate(zip(refs.which.tolist(), refs.where.tolist(), strict=True)):
-            shard = refs.shards[k]
-            reason = shard.problems.get(i)
-            if reason is None and self.images[shard.source].encoding != "raw":
-                image, reason = self._decode(shard, i)
-                decoded[j] = image  # type: ignore[assignment]
+            reason = refs.shards[k].problems.get(i)
             if reason is not None:
-                self._fail(shard, i, reason)
+                self._fail(refs.shards[k], i, reason)
                 bad.append(j)
         if not bad:
-            return refs, decoded
-        good = [j for j in range(len(refs)) if j not in set(bad)]
-        if not good:
-            raise ShardFormatError(f"{refs.shards[0].index.url}: every sample of a batch is bad "
-                                   f"(last: {self.errors.examples[-1]})")
-        pick = np.asarray([good[j % len(good)] for j in range(len(refs))])  # keep the batch size exact
-        remapped = {n: decoded[j] for n, j in enumerate(pick.tolist()) if j in decoded}
-        return BatchRefs(refs.shards, refs.which[pick], refs.where[pick]), remapped
+            return refs
+        pick = self._replacements(refs, bad)
+        return BatchRefs(refs.shards, refs.which[pick], refs.where[pick])
 
-    def _decode(self, shard: DecodedShard, i: int) -> tuple[torch.Tensor | None, str | None]:
-        spec = self.images[shard.source]
-        data = shard.index.member(spec.encoding, i)
-        try:
-            image = decode_image(torch.frombuffer(bytearray(data or b""), dtype=torch.uint8), mode=self._mode)
-        except (RuntimeError, ValueError) as e:
-            return None, f"{spec.encoding}: image does not decode ({e})"
-        if (tuple(image.shape) if spec.fixed_size else image.shape[0]) != \
-                (spec.shape_chw if spec.fixed_size else spec.channels):
-            expected = spec.shape_chw if spec.fixed_size else f"{spec.channels} channels"
-            return None, f"{spec.encoding}: image expected CxHxW {expected}, found {tuple(image.shape)}"
-        return image, None
-
-    def _gather_pixels(self, refs: BatchRefs, out: np.ndarray) -> None:
-        """Raw pixels of the batch into ``out`` (n, nbytes), stored as CHW."""
-        spec = self.schema.image
-        for shard, at, rows in refs.groups():
-            out[at] = shard.pixels[rows] if shard.pixels is not None else gather_rows(shard, rows, spec.nbytes)
-        if spec.layout == "HWC":
-            channels, height, width = spec.shape_chw
-            hwc = out.reshape(len(refs), height, width, channels)
-            out[:] = hwc.transpose(0, 3, 1, 2).reshape(len(refs), -1)
-
-    def _images(self, refs: BatchRefs, decoded: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The batch's images as one tensor, through their source's transform and the
-        per-sample transform, where given."""
-        spec = self.schema.image
-        if spec.encoding == "raw" and spec.fixed_size:
-            flat = np.empty((len(refs), spec.nbytes), dtype=np.uint8)
-            self._gather_pixels(refs, flat)
-            images = list(torch.from_numpy(flat).view(len(refs), *spec.shape_chw).unbind(0))
-        else:
-            images = [decoded[j] if j in decoded else self._raw_image(refs, j) for j in range(len(refs))]
+    def _transformed(self, refs: BatchRefs, u: np.ndarray) -> tuple[BatchRefs, torch.Tensor]:
+        """The batch's images as one tensor, through each input's transform and then the
+        loader's, where given."""
+        refs, images = self._sample_images(refs, u)
         if self._per_input:
             sources = [refs.shards[k].source for k in refs.which.tolist()]
             images = [image if (t := self.input_transforms[k]) is None else t(image)
@@ -186,16 +198,30 @@ class BatchAssembler:
         if len(shapes) > 1:
             raise ShardFormatError(f"{refs.shards[0].index.url}: a batch's images have {len(shapes)} different "
                                    f"shapes {sorted(shapes)[:4]}; the transforms must give every image one size")
-        return torch.stack(images)
+        return refs, torch.stack(images)
 
-    def _raw_image(self, refs: BatchRefs, j: int) -> torch.Tensor:
-        """Sample ``j``'s raw pixels as CHW, by its own source's image spec (mixes)."""
-        shard, i = refs.shards[int(refs.which[j])], int(refs.where[j])
-        spec = self.images[shard.source]
-        pixels = torch.frombuffer(bytearray(gather_rows(shard, np.asarray([i]), spec.nbytes)), dtype=torch.uint8)
-        if spec.layout == "HWC":
-            return pixels.view(spec.height, spec.width, spec.channels).permute(2, 0, 1)  # type: ignore[arg-type]
-        return pixels.view(spec.shape_chw)
+    def _sample_images(self, refs: BatchRefs, u: np.ndarray) -> tuple[BatchRefs, list[torch.Tensor]]:
+        """Each sample's image as a tensor (raw pixels of one spec: one gather for all); a
+        sample whose image does not decode replaced as in :meth:`_decoded_into`."""
+        spec = self.schema.image
+        if self.images.raw_only() and spec.fixed_size:
+            flat = np.empty((len(refs), spec.nbytes), dtype=np.uint8)
+            gather_pixels(refs, spec, flat)
+            return refs, list(torch.from_numpy(flat).view(len(refs), *spec.shape_chw).unbind(0))
+        images: list[torch.Tensor | None] = []
+        bad = []
+        for j, (k, i) in enumerate(zip(refs.which.tolist(), refs.where.tolist(), strict=True)):
+            try:
+                images.append(self.images.sample(refs.shards[k], i, u[j]))
+            except BadImage as e:
+                self._fail(refs.shards[k], i, str(e))
+                images.append(None)
+                bad.append(j)
+        if bad:
+            pick = self._replacements(refs, bad)
+            images = [images[int(p)] for p in pick]
+            refs = BatchRefs(refs.shards, refs.which[pick], refs.where[pick])
+        return refs, [image for image in images if image is not None]
 
     def _fill_labels(self, refs: BatchRefs, views: dict[str, torch.Tensor]) -> None:
         """Every head's classes (and values) of the batch: one gather per shard and block."""

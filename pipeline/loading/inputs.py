@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.format.schema import DatasetSchema
+from pipeline.loading.decode_spec import DecodeSpec
 from pipeline.loading.decoded import DecodedShard
 from pipeline.loading.planning import Slice
 
@@ -26,14 +27,16 @@ Relabel = Callable[[DecodedShard], DecodedShard]  # a shard's labels in the batc
 @dataclass(frozen=True)
 class ShardInput:
     """One shard set a loader reads. ``shards`` are its whole shards with their sample
-    counts (``Slice.source`` is the input's position); ``transform`` runs on its images
-    (uint8 CxHxW tensors) before the loader's own; ``relabel`` maps its shards' label
-    columns into the loader's schema (None: they are in it already)."""
+    counts (``Slice.source`` is the input's position); ``decode`` makes its JPEG/PNG images
+    at the size training needs (the decode stage); ``transform`` runs on its images (uint8
+    CxHxW tensors) before the loader's own; ``relabel`` maps its shards' label columns into
+    the loader's schema (None: they are in it already)."""
 
     name: str
     schema: DatasetSchema
     shards: tuple[Slice, ...]
     storage_options: Mapping[str, Any] | None = None
+    decode: DecodeSpec | None = None
     transform: Transform | None = None
     relabel: Relabel | None = None
 

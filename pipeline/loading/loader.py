@@ -21,10 +21,12 @@ from pipeline.errors import PipelineError
 from pipeline.format.schema import DatasetSchema
 from pipeline.lifetime import DieWithParent
 from pipeline.loading.assembler import IMAGES, BatchAssembler
+from pipeline.loading.hand_off import HandOffBuffers, Recycler
 from pipeline.loading.inputs import Transform
 from pipeline.loading.stream import ShardStream, StreamConfig
 
 log = logging.getLogger(__name__)
+HELD_HAND_OFFS = 3  # a worker's buffers beyond those queued: one being filled, two the training loop holds
 
 
 class ShardLoader:
@@ -44,6 +46,7 @@ class ShardLoader:
         self._loader: DataLoader | None = None
         self.realized: dict[str, int] = {}  # samples per input in the last full pass (several inputs)
         self.image_shape: tuple[int, ...] | None = None  # (C, H, W) the inputs' transforms were found to give
+        self._recycler = Recycler(stream.assembler.buffers.busy)
 
     @property
     def schema(self) -> DatasetSchema:
@@ -78,6 +81,7 @@ class ShardLoader:
         counts = np.zeros(len(self.stream.config.inputs), dtype=np.int64)
         last = len(self)
         for group in self._groups():
+            self._recycler.watch(group.buffer, group.slot)
             counts += group.input_counts
             for fields, keys in group.batches():
                 self._done += 1
@@ -156,6 +160,8 @@ def build_loader(config: StreamConfig, *, transform: Transform | None = None, wi
                  prefetch_factor: int = 2, pin_memory: bool = False) -> ShardLoader:
     """The loader of a stream config: batches in ``config.schema``, each input's images
     through its own transform, then ``transform``."""
-    assembler = BatchAssembler(config.schema, config.inputs, transform=transform, on_error=config.on_error)
+    buffers = HandOffBuffers(config.num_workers, slots=prefetch_factor + HELD_HAND_OFFS)
+    assembler = BatchAssembler(config.schema, config.inputs, transform=transform, on_error=config.on_error,
+                               seed=config.seed, buffers=buffers)
     return ShardLoader(ShardStream(config, assembler, with_keys), prefetch_factor=prefetch_factor,
                        pin_memory=pin_memory)

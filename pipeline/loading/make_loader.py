@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import torch
 
 from pipeline.errors import ConfigError, HeaderMismatchError, ManifestError, ShardFormatError
 from pipeline.format.header import read_header_from
@@ -19,6 +21,7 @@ from pipeline.io.disk_cache import DEFAULT_LIMIT
 from pipeline.io.reading import read_header, read_header_and_size
 from pipeline.io.shard_sets import ShardSet, resolve_shards
 from pipeline.io.storage import read_shard
+from pipeline.loading.decode_spec import DecodeSpec
 from pipeline.loading.inputs import ShardInput, Transform
 from pipeline.loading.loader import ShardLoader, build_loader, default_world
 from pipeline.loading.planning import SinglePlanner, Slice
@@ -110,8 +113,11 @@ def manifest_slices(shards: ShardSet, options: dict[str, Any] | None, cache_dir:
 HAND_OFF_BYTES = 8 << 20
 
 
-def image_bytes(schema: DatasetSchema) -> int:
-    """Bytes of one decoded image (a 256x256 guess when sizes vary)."""
+def image_bytes(schema: DatasetSchema, decode: DecodeSpec | None = None) -> int:
+    """Bytes of one image in a batch: a decode spec's size, the stored size, or a 256x256
+    guess when sizes vary."""
+    if decode is not None:
+        return 3 * decode.size * decode.size
     return schema.image.nbytes if schema.image.fixed_size else schema.image.channels * 256 * 256
 
 
@@ -127,36 +133,61 @@ def make_loader(source: str | Sequence[str], *, split: str | None = "train", bat
                 storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
                 retries: int = 3, allow_pipe: bool = False, with_keys: bool = False,
                 prefetch_factor: int = 2, pin_memory: bool = False, require_manifest: bool = True,
-                cache_limit: int = DEFAULT_LIMIT) -> ShardLoader:
+                cache_limit: int = DEFAULT_LIMIT, decode: DecodeSpec | Mapping[str, Any] | None = None) -> ShardLoader:
     """A loader over one split of shards; see ``docs/loader.md``.
 
     ``source``: a shard-set root (``split`` picks the subdirectory), a split directory, a
     manifest, a brace pattern, or a list of shard URLs (local, ``file://``, ``s3://``,
     ``http(s)://``). Yields ``(images, labels)`` (``(images, labels, keys)`` with
     ``with_keys``): images ``[B, C, H, W]`` uint8 unless ``transform`` says otherwise, labels
-    ``{head: int64 class}`` plus ``{head + ".value": float32}`` for quantized heads."""
+    ``{head: int64 class}`` plus ``{head + ".value": float32}`` for quantized heads.
+    ``decode``: JPEG/PNG images decoded at the size training needs (``[B, 3, T, T]``; a
+    :class:`~pipeline.loading.decode_spec.DecodeSpec` or a mapping of its fields), before
+    ``transform``."""
     world_size, rank = resolve_world(world_size, rank)
     check_loader_settings(batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                           on_error=on_error, uneven=uneven, world_size=world_size, rank=rank)
+    decode = DecodeSpec.of(decode)
     if any(str(u).startswith("pipe:") for u in ([source] if isinstance(source, str) else source)) \
             and not allow_pipe:
         raise ShardFormatError(f"{source}: pipe: URLs run shell commands; pass allow_pipe=True to allow them")
     shards = find_split(source, split, storage_options, require_manifest)
     schema, sizes = check_headers(shards, storage_options, allow_pipe, on_error)
-    if not schema.image.fixed_size and transform is None:
-        raise ConfigError(f"{source}: the images of {schema.name!r} vary in size ({schema.image.describe()}); "
-                          "pass a transform that gives every image one size, e.g. "
-                          "torchvision.transforms.v2.RandomResizedCrop(224)")
+    check_decode(schema, decode, transform, str(source))
     slices = manifest_slices(shards, storage_options, cache_dir, allow_pipe, sizes)
-    only = ShardInput(name=schema.name, schema=schema, shards=slices, storage_options=storage_options)
+    only = ShardInput(name=schema.name, schema=schema, shards=slices, storage_options=storage_options, decode=decode)
     config = StreamConfig(inputs=(only,), planner=SinglePlanner(slices, uneven=uneven, drop_last=drop_last),
                           schema=schema, batch_size=batch_size, seed=seed, shuffle=shuffle,
                           shuffle_buffer=shuffle_buffer, world_size=world_size, rank=rank, num_workers=num_workers,
                           on_error=on_error, cache_dir=cache_dir, cache_limit=cache_limit, retries=retries,
-                          allow_pipe=allow_pipe, batches_per_hand_off=hand_off_group(batch_size * image_bytes(schema)))
+                          allow_pipe=allow_pipe,
+                          batches_per_hand_off=hand_off_group(batch_size * image_bytes(schema, decode)))
     config.plan(0)  # fail now, not in a worker, on impossible settings
-    return build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
-                        pin_memory=pin_memory)
+    loader = build_loader(config, transform=transform, with_keys=with_keys, prefetch_factor=prefetch_factor,
+                          pin_memory=pin_memory)
+    loader.image_shape = probe_shape(decode.shape, transform) if decode is not None else None
+    return loader
+
+
+def check_decode(schema: DatasetSchema, decode: DecodeSpec | None, transform: Transform | None, where: str) -> None:
+    """A decode spec is for JPEG/PNG images; images of varying size need it or a transform."""
+    if decode is not None and schema.image.encoding == "raw":
+        raise ConfigError(f"{where}: decode= makes JPEG/PNG images at a size; the images of {schema.name!r} are raw "
+                          "pixels: give a transform instead")
+    if not schema.image.fixed_size and transform is None and decode is None:
+        raise ConfigError(f"{where}: the images of {schema.name!r} vary in size ({schema.image.describe()}); "
+                          "pass decode=pipeline.DecodeSpec(224) (decoded at the size training needs) or a transform "
+                          "that gives every image one size, e.g. torchvision.transforms.v2.RandomResizedCrop(224)")
+
+
+def probe_shape(shape: tuple[int, ...], transform: Transform | None) -> tuple[int, ...] | None:
+    """What ``transform`` makes of a blank uint8 image of ``shape`` (None if it refuses one)."""
+    if transform is None:
+        return shape
+    try:
+        return tuple(transform(torch.zeros(shape, dtype=torch.uint8)).shape)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def resolve_world(world_size: int | None, rank: int | None) -> tuple[int, int]:

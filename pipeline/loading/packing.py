@@ -26,10 +26,11 @@ class PackedGroup:
     buffer: torch.Tensor
     parts: list[tuple[int, int, tuple[Field, ...], list[str]]]
     input_counts: np.ndarray  # samples per input of the loader in these batches
+    slot: tuple[int, int] | None = None  # the worker's reusable buffer it lies in (pipeline.loading.hand_off)
 
     def pin_memory(self) -> PackedGroup:
         """The group in page-locked memory (``DataLoader(pin_memory=True)`` calls this)."""
-        return PackedGroup(self.buffer.pin_memory(), self.parts, self.input_counts)
+        return PackedGroup(self.buffer.pin_memory(), self.parts, self.input_counts, self.slot)
 
     def batches(self) -> list[tuple[dict[str, torch.Tensor], list[str]]]:
         """Each batch's fields as typed views, with its keys."""

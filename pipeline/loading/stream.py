@@ -78,6 +78,7 @@ class StreamConfig:
         return self.planner.plan(epoch, self.layout)
 
 
+RANK_DRAWS = 1 << 40  # samples a rank may draw crops for in one epoch (ranks draw apart)
 KEEP_BYTES = 64 << 20  # per worker: decoded shards of inputs read more than once an epoch, kept
 
 
@@ -254,7 +255,10 @@ class ShardStream(IterableDataset):
         windows = stream_windows(plans[worker], c, skip=done * c.batch_size)
         batches = cut_batches(windows, c.batch_size)
         for _, turn in itertools.groupby(mine[done:], key=lambda j: j // group):
-            yield self.assembler(list(itertools.islice(batches, len(list(turn)))), with_keys=self.with_keys)
+            numbers = list(turn)
+            starts = [c.rank * RANK_DRAWS + j * c.batch_size for j in numbers]  # each sample's place in the epoch
+            yield self.assembler(list(itertools.islice(batches, len(numbers))), with_keys=self.with_keys,
+                                 draws=(epoch, starts))
         self.assembler.log_errors(f"rank {c.rank} worker {worker} epoch {epoch}")
 
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.format.schema import DatasetSchema
+from pipeline.format.schema import DatasetSchema, ImageSpec
 from pipeline.io.disk_cache import DEFAULT_LIMIT
+from pipeline.loading.decode_spec import DecodeSpec
 from pipeline.loading.inputs import ShardInput, Transform
 from pipeline.loading.loader import ShardLoader, build_loader
 from pipeline.loading.make_loader import (
+    check_decode,
     check_headers,
     find_split,
     hand_off_group,
@@ -44,9 +46,11 @@ class MixSource:
     epoch). With none of them a source gives each of its samples once (``repeat=1``).
     ``name`` (default: the dataset's name) names its namespaced heads and its ``dataset`` class.
     ``storage_options`` (fsspec) replace the mix's for this source: sources in different
-    buckets, endpoints or accounts, or one local and one remote. ``transform`` runs on this
-    source's images (uint8 CxHxW tensors) before the mix's ``transform``: a resize or crop
-    suited to its image size, say (picklable, like any transform that goes to workers)."""
+    buckets, endpoints or accounts, or one local and one remote. ``decode`` (JPEG/PNG sources)
+    decodes its images at the size training needs (a :class:`~pipeline.loading.decode_spec.DecodeSpec`).
+    ``transform`` runs on this source's images (uint8 CxHxW tensors) before the mix's
+    ``transform``: a resize or crop suited to its image size, say (picklable, like any
+    transform that goes to workers)."""
 
     source: str | Sequence[str]
     split: str | None = "train"
@@ -56,8 +60,10 @@ class MixSource:
     name: str | None = None
     storage_options: Mapping[str, Any] | None = None
     transform: Transform | None = None
+    decode: DecodeSpec | None = None  # a mapping of its fields (from YAML) is made one
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "decode", DecodeSpec.of(self.decode, f"mix source {self.source}: decode"))
         given = {k: v for k, v in (("weight", self.weight), ("repeat", self.repeat), ("choose", self.choose))
                  if v is not None}
         if len(given) > 1:
@@ -145,14 +151,14 @@ def mix(sources: Sequence[MixSource | Mapping[str, Any]], *, batch_size: int, ep
     names = [spec.name or source_name(put.schema.name) for spec, put in zip(specs, found, strict=True)]
     schemas = [put.schema for put in found]
     union, head_map = union_schema(schemas, names, split=schemas[0].split,
-                                   resized=transform is not None or any(s.transform for s in specs),
+                                   resized=transform is not None or any(s.transform or s.decode for s in specs),
                                    dataset_head=dataset_head)
-    image_shape = _check_images(specs, schemas, names, transform)
+    image_shape = _check_images(specs, [put.schema for put in found], names, transform)
     targets = _targets(specs, found, names, epoch_samples, world_size * (batch_size if drop_last else 1), uneven)
     inputs = tuple(replace(put, name=name, relabel=ToUnion(union, head_map, k))
                    for k, (put, name) in enumerate(zip(found, names, strict=True)))
     planner = MixPlan(tuple(put.shards for put in inputs), tuple(targets), tuple(names))
-    largest_image = max(image_bytes(s) for s in schemas)
+    largest_image = max(image_bytes(s, spec.decode) for s, spec in zip(schemas, specs, strict=True))
     config = StreamConfig(inputs=inputs, planner=planner, schema=union, batch_size=batch_size, seed=seed,
                           shuffle=shuffle, shuffle_buffer=shuffle_buffer, world_size=world_size, rank=rank,
                           num_workers=num_workers, on_error=on_error, cache_dir=cache_dir, cache_limit=cache_limit,
@@ -171,21 +177,28 @@ def _read_source(k: int, spec: MixSource, storage_options: dict[str, Any] | None
     options = storage_options if spec.storage_options is None else dict(spec.storage_options)
     shards = find_split(spec.source, spec.split, options, require_manifest)
     schema, sizes = check_headers(shards, options, on_error=on_error)
+    if spec.decode is not None:
+        check_decode(schema, spec.decode, spec.transform, f"mix source {spec.source}")
     slices = tuple(Slice(s.url, s.start, s.stop, k) for s in manifest_slices(shards, options, cache_dir, False, sizes))
     return ShardInput(name=schema.name, schema=schema, shards=slices, storage_options=options,
-                      transform=spec.transform)
+                      transform=spec.transform, decode=spec.decode)
 
 
 def _check_images(specs: Sequence[MixSource], schemas: Sequence[DatasetSchema], names: Sequence[str],
                   transform: Transform | None) -> tuple[int, ...] | None:
-    """The one image shape the sources' transforms give (checked now, not in a worker), or
-    None when there is nothing to check."""
+    """The one image shape the sources' decode specs and transforms give (checked now, on
+    blank images, not in a worker), or None when there is nothing to check. A source with a
+    decode spec is probed with the images it decodes to."""
     own = [spec.transform for spec in specs]
-    per_source = any(t is not None for t in own)
+    per_source = any(t is not None for t in own) or any(spec.decode for spec in specs)
     if not per_source and (transform is None or len({s.image for s in schemas}) == 1):
         return None
-    return check_transform_sizes([Chain(first, transform) for first in own], schemas, names,
-                                 "each source's transform (then the mix's)" if per_source else "the transform")
+    probed = [replace(schema, image=ImageSpec(spec.decode.size, spec.decode.size, 3)) if spec.decode else schema
+              for schema, spec in zip(schemas, specs, strict=True)]
+    decoded = any(spec.decode for spec in specs)
+    what = ("each source's decode spec and transform (then the mix's)" if decoded
+            else "each source's transform (then the mix's)" if per_source else "the transform")
+    return check_transform_sizes([Chain(first, transform) for first in own], probed, names, what)
 
 
 def _targets(specs: Sequence[MixSource], found: Sequence[ShardInput], names: Sequence[str],

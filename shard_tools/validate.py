@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import braceexpand
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -47,6 +49,8 @@ class ValidationReport:
     shards: int = 0
     samples: int = 0
     bytes: int = 0
+    # samples by split label: the split's name ("train"), or, when several sources are validated together
+    # or split names repeat, its directory as the source names it ("data/shards/vimh/train"); they add up to samples
     splits: dict[str, int] = field(default_factory=dict)
     found: dict[str, ShardInfo] = field(default_factory=dict)  # by URL: each readable shard as it is
     unresolved: list[str] = field(default_factory=list)  # sources that named nothing readable
@@ -260,29 +264,61 @@ def validate(source: str | Sequence[str], *, decode: bool = False, progress: boo
     """Validate every shard named by ``source`` and return all problems found."""
     options = storage_options or {}
     report = ValidationReport()
-    shard_sets = _resolve_each(source, options, report)
-    total = sum(len(s.urls) for s in shard_sets)
+    named = _resolve_each(source, options, report)
+    labels = _split_labels(named, options)
+    total = sum(len(s.urls) for _, s in named)
     with tqdm(total=total, desc="validate", unit="shard", disable=None if progress is None else not progress) as bar:
-        for shards in shard_sets:
-            _validate_set(shards, decode, options, report, bar)
+        for (_, shards), label in zip(named, labels, strict=True):
+            _validate_set(shards, label, decode, options, report, bar)
     return report
 
 
-def _resolve_each(source: str | Sequence[str], options: dict[str, Any], report: ValidationReport) -> list[ShardSet]:
-    """The shard sets ``source`` names; a name that cannot be resolved is a problem of its
-    own (the others are still validated)."""
+def _resolve_each(source: str | Sequence[str], options: dict[str, Any],
+                  report: ValidationReport) -> list[tuple[str, ShardSet]]:
+    """The shard sets ``source`` names, each with the source it came from (one name as given,
+    brace patterns expanded, or ``"shards"`` for a list of shard URLs, which is one set); a
+    name that cannot be resolved is a problem of its own (the others are still validated)."""
+    items = [source] if isinstance(source, str) else list(source)
+    urls = [u for item in items for u in braceexpand.braceexpand(item)]
+    if len(urls) > 1 and not all(u.endswith(".tar") for u in urls):
+        return [pair for u in urls for pair in _resolve_each(u, options, report)]
     try:
-        return resolve_shards(source, storage_options=options)
+        sets = resolve_shards(source, storage_options=options)
     except PipelineError as e:
-        if isinstance(source, str) or len(source) == 1:
-            name = source if isinstance(source, str) else source[0]
+        if len(items) == 1:
+            name = items[0]
             report.problems.append(Problem(name, None, str(e).removeprefix(f"{name}: ")))
             report.unresolved.append(name)
             return []
-    return [s for item in source for s in _resolve_each(item, options, report)]
+        return [pair for item in items for pair in _resolve_each(item, options, report)]
+    name = items[0] if len(items) == 1 else "shards"
+    return [(name, s) for s in sets]
 
 
-def _validate_set(shards: ShardSet, decode: bool, options: dict[str, Any],
+def _split_labels(named: list[tuple[str, ShardSet]], options: dict[str, Any]) -> list[str]:
+    """Each set's label in the report: its split's name (a split directory without a manifest
+    by its directory's name); when several sources are validated, or split names repeat, the
+    split's directory as its source names it (``data/shards/vimh/train``), so that no split is
+    counted under another's label."""
+    short = [shards.split or shards.label for _, shards in named]
+    if len({name for name, _ in named}) <= 1 and len(set(short)) == len(short):
+        return short
+    return [_where(name, shards, options) for name, shards in named]
+
+
+def _where(name: str, shards: ShardSet, options: dict[str, Any]) -> str:
+    """The directory of ``shards`` as ``name`` (the source it came from) names it: the source
+    itself (a split directory or its manifest), or a split directory under it (a root)."""
+    if shards.listed_dir is None:
+        return name  # shards named one by one
+    base = name.rstrip("/")
+    if base.endswith(".json"):
+        base = posixpath.dirname(base)
+    inside = filesystem(base, options)[1].rstrip("/") != filesystem(shards.listed_dir, options)[1].rstrip("/")
+    return f"{base}/{posixpath.basename(shards.listed_dir.rstrip('/'))}" if inside else base
+
+
+def _validate_set(shards: ShardSet, label: str, decode: bool, options: dict[str, Any],
                   report: ValidationReport, bar: tqdm) -> None:
     state = _SplitState(schema=shards.manifest.schema if shards.manifest else None)
     infos = shards.manifest.shards if shards.manifest else (None,) * len(shards.urls)
@@ -300,6 +336,6 @@ def _validate_set(shards: ShardSet, decode: bool, options: dict[str, Any],
         if info is not None:
             _compare(info, url, found, report.problems)
     report.samples += state.samples
-    report.splits[shards.label] = state.samples
+    report.splits[label] = report.splits.get(label, 0) + state.samples  # one split named twice: counted twice
     if state.schema is not None:
-        report.schemas[shards.label] = state.schema
+        report.schemas.setdefault(label, state.schema)

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import Head, PipelineError, SchemaError, ShardFormatError
+from pipeline import CheckpointError, Head, PipelineError, SchemaError, ShardFormatError
 from tests.fakes import class_shards, vimh_shards
 from tests.test_training import config
+from training.checkpoints import load_checkpoint
 from training.confusion import class_labels, confusion_figure, thinned_ticks
 from training.evaluate import evaluate
 from training.train import train
@@ -118,9 +119,9 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path, roots) -> N
     marker, evil = tmp_path / "marker", tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"schema": _RunsCode(marker)}}, evil)
     refused = rf"{re.escape(str(evil))}: refused: expected a checkpoint of tensors and plain data"
-    with pytest.raises(PipelineError, match=refused):
+    with pytest.raises(CheckpointError, match=refused):
         evaluate(config(tmp_path, f"ckpt_path={evil}", name="eval"))
-    with pytest.raises(PipelineError, match=refused):
+    with pytest.raises(CheckpointError, match=refused):
         train(config(tmp_path, f"data.train={roots['vimh']}", f"ckpt_path={evil}", *FAST))
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # what loading it unsafely does
@@ -144,8 +145,22 @@ def test_a_broken_checkpoint_is_a_project_error_naming_the_file(tmp_path: Path, 
     expected = {"missing": "expected a checkpoint file, found no such file",
                 "other": r"expected a checkpoint of a MultiheadModule .*, found \['weights'\]"}
     match = rf"{re.escape(str(path))}: " + expected.get(kind, "(expected a PyTorch Lightning checkpoint|refused)")
-    with pytest.raises(PipelineError, match=match):
+    with pytest.raises(CheckpointError, match=match):
         evaluate(config(tmp_path, f"ckpt_path={path}", name="eval"))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_a_truncated_or_garbage_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path: Path, kind: str) -> None:
+    """``load_checkpoint`` itself (what ``train ckpt_path=`` and ``evaluate`` call) raises the
+    error tree's CheckpointError, a PipelineError, naming the file."""
+    path = tmp_path / f"{kind}.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4096.0)}, "hyper_parameters": {"schema": {}}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if kind == "truncated" else bytes(range(256)) * 8)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: (expected a PyTorch Lightning "
+                                              r"checkpoint|refused)") as caught:
+        load_checkpoint(str(path))
+    assert isinstance(caught.value, PipelineError)
 
 
 @pytest.mark.parametrize(("key", "target"), [("model", "os.system"), ("model.backbone", "builtins.exec"),

@@ -8,10 +8,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -28,7 +30,7 @@ from pipeline.loading.decoded import decode_shard
 from shard_tools.convert import convert
 from shard_tools.formats.vimh.synthetic import generate_vimh
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # docs/reliability.md: the long run sets 20000
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # docs/reliability.md: the long run sets 3000
 FUZZ = settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
 MEMORY_BOUND = 64 << 20  # bytes a decoder may allocate on top of its input
@@ -239,3 +241,11 @@ def test_the_fuzzed_shard_takes_the_vectorized_path_with_label_columns(real) -> 
     """So that mutations exercise the uniform index and the ``__labels__`` decoder too."""
     assert any(name == LABELS_MEMBER for name, _ in _tarfile_members(real["shard"]))
     assert tario.index_shard(real["shard"], "fuzz.tar").stride is not None
+
+
+def test_the_long_run_named_here_is_the_one_the_docs_give() -> None:
+    """The comment on EXAMPLES names the run docs/reliability.md gives (and says was run)."""
+    named = re.search(r"docs/reliability.md: the long run sets (\d+)", Path(__file__).read_text())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    assert named is not None
+    assert set(re.findall(r"FUZZ_EXAMPLES=(\d+)", docs)) == {named.group(1)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,41 @@ def test_missing_source_is_reported(tmp_path: Path) -> None:
     report = validate(str(tmp_path / "nowhere"), progress=False)
     assert not report.ok
     assert "no such file or directory" in reasons(report)[0]
+
+
+def test_several_sources_are_each_counted(shards: Path, vimh_source, tmp_path: Path, capsys) -> None:
+    """Split counts are by split name for one source; by each split's directory as its source
+    names it when there are several (or names repeat), so they add up to the total."""
+    other = tmp_path / "other"
+    convert("vimh", vimh_source("vimh-8x8x3_other", n_train=20, n_test=6), other, max_samples=10)
+    one = validate(str(shards), progress=False)
+    assert one.splits == {"train": 40, "test": 12}
+    report = validate([str(shards), str(other / "train" / "manifest.json"), f"{other}/test/"], progress=False)
+    assert report.ok and report.samples == 78
+    assert report.splits == {f"{shards}/train": 40, f"{shards}/test": 12, f"{other}/train": 20, f"{other}/test": 6}
+    assert validate(f"{tmp_path}/{{shards,other}}", progress=False).splits == {
+        f"{shards}/train": 40, f"{shards}/test": 12, f"{other}/train": 20, f"{other}/test": 6}
+    renamed = tmp_path / "renamed"  # one root whose two split directories say the same split
+    renamed.mkdir()
+    shutil.copytree(shards / "train", renamed / "a")
+    shutil.copytree(other / "train", renamed / "b")
+    assert validate(str(renamed), progress=False).splits == {f"{renamed}/a": 40, f"{renamed}/b": 20}
+
+    report_path = tmp_path / "report.json"
+    assert main(["validate", str(shards), str(other), "-q", "--json", str(report_path)]) == 0
+    assert (f"OK: {report.shards} shards, 78 samples, {report.bytes} bytes ({shards}/train: 40, {shards}/test: 12, "
+            f"{other}/train: 20, {other}/test: 6)") in capsys.readouterr().out
+    splits = json.loads(report_path.read_text())["splits"]
+    assert splits == report.splits and sum(splits.values()) == 78
+
+
+def test_a_split_without_its_manifest_is_labelled_by_its_directory_name(shards: Path, capsys) -> None:
+    (shards / "train" / "manifest.json").unlink()
+    report = validate(str(shards), progress=False)
+    assert report.splits == {"train": 40, "test": 12}
+    assert main(["validate", str(shards), "-q"]) == 1
+    assert "1 problem(s): 6 shards, 52 samples" in (out := capsys.readouterr().out)
+    assert "(train: 40, test: 12)" in out
 
 
 def _png(height: int, width: int) -> bytes:

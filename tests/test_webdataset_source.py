@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,34 @@ def test_json_labels_must_be_integers(tmp_path: Path) -> None:
     src = write_wds(tmp_path / "wds", 2, edit=lambda i, s: {**s, "json": json.dumps({"coarse": 1.5})})
     with pytest.raises(ConversionError, match=r"class expected in 0..2, found 1.5"):
         convert("webdataset", src, tmp_path / "out", options={"heads": HEADS})
+
+
+def test_non_rgb_pngs_in_a_png_split_are_re_encoded_as_rgb(tmp_path: Path) -> None:
+    """A PNG split keeps RGB PNGs byte for byte and re-encodes grayscale, RGBA and palette
+    PNGs as RGB PNGs, the same bytes on every run, so the shards hold what the schema says."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    modes = ["RGB", "L", "RGBA", "P"]
+    pngs = []
+    for mode in modes:
+        out = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(out, format="PNG")
+        pngs.append(out.getvalue())
+    src = tmp_path / "wds"
+    src.mkdir()
+    with wds.ShardWriter(str(src / "part-%06d.tar"), maxcount=10, verbose=0) as sink:
+        for i, png in enumerate(pngs):
+            sink.write({"__key__": f"s{i}", "png": png, "cls": i})
+    for run in ("out", "again"):
+        convert("webdataset", src, tmp_path / run, shuffle=False, options={"heads": ["c=cls:4"]})
+    report = validate(str(tmp_path / "out"), decode=True, progress=False)
+    assert report.ok, [str(p) for p in report.problems]
+    shard = tmp_path / "out" / "train" / "train-000000.tar"
+    assert shard.read_bytes() == (tmp_path / "again" / "train" / "train-000000.tar").read_bytes()
+    with tarfile.open(shard) as tar:
+        stored = [tar.extractfile(m).read() for m in tar if m.name.endswith(".png")]  # type: ignore[union-attr]
+    assert stored[0] == pngs[0]
+    for data, mode in zip(stored, modes, strict=True):
+        with Image.open(io.BytesIO(data)) as image:
+            assert (image.format, image.mode) == ("PNG", "RGB"), mode
+            assert np.array_equal(np.asarray(image), np.asarray(Image.fromarray(pixels).convert(mode).convert("RGB")))

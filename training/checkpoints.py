@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import torch
 
-from pipeline import DatasetSchema, ImageSpec, PipelineError, SchemaError
+from pipeline import CheckpointError, DatasetSchema, ImageSpec, SchemaError
 
 # what torch.load raises on files that are not (whole) checkpoints: truncated, corrupt, not PyTorch files
 _UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, struct.error)
@@ -32,24 +32,25 @@ def _refusal(error: pickle.UnpicklingError) -> str:
 
 def load_checkpoint(path: str) -> dict[str, Any]:
     """A MultiheadModule checkpoint (local path or fsspec URL), loaded on the CPU without
-    running any code it may contain; PipelineError naming ``path`` if it is not one."""
+    running any code it may contain; CheckpointError (a PipelineError) naming ``path``
+    if it is not one."""
     try:
         with fsspec.open(path, "rb") as f:
             checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise PipelineError(f"{path}: refused: expected a checkpoint of tensors and plain data (read with "
-                            f"torch.load(weights_only=True), which runs no code), found other objects or "
-                            f"bytes that are not a checkpoint: {_refusal(e)}") from e
+        raise CheckpointError(f"{path}: refused: expected a checkpoint of tensors and plain data (read with "
+                              f"torch.load(weights_only=True), which runs no code), found other objects or "
+                              f"bytes that are not a checkpoint: {_refusal(e)}") from e
     except FileNotFoundError as e:
-        raise PipelineError(f"{path}: expected a checkpoint file, found no such file") from e
+        raise CheckpointError(f"{path}: expected a checkpoint file, found no such file") from e
     except _UNREADABLE as e:
-        raise PipelineError(f"{path}: expected a PyTorch Lightning checkpoint, found a file that cannot be read "
-                            f"as one (truncated or not a checkpoint): {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{path}: expected a PyTorch Lightning checkpoint, found a file that cannot be read "
+                              f"as one (truncated or not a checkpoint): {type(e).__name__}: {e}") from e
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "schema" not in hparams or "state_dict" not in checkpoint:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise PipelineError(f"{path}: expected a checkpoint of a MultiheadModule (state_dict and "
-                            f"hyper_parameters.schema), found {found}")
+        raise CheckpointError(f"{path}: expected a checkpoint of a MultiheadModule (state_dict and "
+                              f"hyper_parameters.schema), found {found}")
     return checkpoint
 
 

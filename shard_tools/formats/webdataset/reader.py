@@ -6,8 +6,9 @@ slash), in the order of the tar files (by name) and of their members; sample ``i
 split is the ``i``-th sample kept. Each head is read from a member of the sample: a
 ``--head NAME=FIELD:CLASSES`` names it, FIELD being a member extension (``cls``: the class
 as decimal text) or ``json.<key>`` (an integer under ``key`` in the ``.json`` member). The
-image is the sample's ``jpg``/``jpeg`` (JPEG shards) or ``png`` member: JPEGs in RGB pass
-through, other images are re-encoded as the split's first image is. A sample without an
+image is the sample's ``jpg``/``jpeg`` (JPEG shards) or ``png`` member: RGB images in the
+split's encoding (its first image's) pass through, other images (grayscale, RGBA, palette,
+CMYK, the other encoding) are re-encoded as RGB in it. A sample without an
 image, a head's field or with a class out of range is an error, or skipped
 (``on_bad="skip"``, one warning each). The tars are walked by the project's strict tar
 reader: a broken tar is an error naming it.
@@ -269,18 +270,20 @@ class WebDatasetFormat:
             with open(found.tars[t], "rb") as f:
                 maps[t] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         data = bytes(maps[t][int(found.start[i]):int(found.start[i]) + int(found.size[i])])
-        if found.kind[i] == encoding and (encoding != "jpg" or _rgb_jpeg(data)):
+        if found.kind[i] == encoding and _rgb(data, encoding):
             return data
         return _reencode(data, encoding, f"{found.tars[t]}: sample {i}")
 
 
-def _rgb_jpeg(data: bytes) -> bool:
-    header = jpeg_header(data)
+def _rgb(data: bytes, encoding: str) -> bool:
+    """Whether ``data`` is an RGB image in ``encoding`` (``jpg`` or ``png``), kept byte for byte;
+    anything else (grayscale, RGBA, palette, CMYK, not that format) is re-encoded."""
+    header = jpeg_header(data) if encoding == "jpg" else None
     if header is not None:
         return header[0] == "RGB"
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.format == "JPEG" and image.mode == "RGB"
+            return image.format == ("JPEG" if encoding == "jpg" else "PNG") and image.mode == "RGB"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False
 

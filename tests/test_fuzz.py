@@ -111,12 +111,62 @@ def test_a_mutated_shard_reads_as_tarfile_reads_it(real, changes) -> None:
 
 
 def _walk_only(data: bytes) -> tario.ShardIndex:
-    uniform = tario.uniform_index
+    """The index by the header-by-header walk alone (no uniform index, no array scan)."""
+    uniform, scanned = tario.uniform_index, tario._scanned
     tario.uniform_index = lambda *args, **kwargs: None  # type: ignore[assignment]
+    tario._scanned = lambda *args, **kwargs: False  # type: ignore[assignment]
     try:
         return tario.index_shard(data, "fuzz.tar")
     finally:
-        tario.uniform_index = uniform
+        tario.uniform_index, tario._scanned = uniform, scanned
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory) -> bytes:
+    """A shard whose samples vary in size (as JPEGs do), with __labels__ columns: indexed by
+    the array scan (``pipeline.format.tar_scan``)."""
+    from pipeline.format.labels import encode_labels
+    from pipeline.format.schema import Head, ImageSpec
+    from shard_tools.writer import ShardWriter
+
+    root = tmp_path_factory.mktemp("varied")
+    schema = DatasetSchema(name="varied", split="train", image=ImageSpec(None, None, 3, encoding="jpg", layout="HWC"),
+                           heads=(Head(name="label", kind="class", num_classes=4),))
+    with ShardWriter(root / "train", schema, max_samples=12) as writer:
+        for i in range(12):
+            writer.write(f"{i:04d}", [("jpg", bytes(range(7 * i + 1)) * (i + 1)),
+                                      ("labels.msgpack", encode_labels({"label": {"class": i % 4}}))])
+    return next((root / "train").glob("*.tar")).read_bytes()
+
+
+def test_the_varied_shard_takes_the_array_scan(varied: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real_scan = tario.scan_members
+    monkeypatch.setattr(tario, "scan_members", lambda *a: calls.append(r := real_scan(*a)) or r)
+    index = tario.index_shard(varied, "fuzz.tar")
+    assert len(index) == 12 and calls and calls[0] is not None and index.stride is None
+    walked = _walk_only(varied)
+    assert walked.keys == index.keys and walked.labels_member == index.labels_member
+    for ext in index.offsets:
+        assert (walked.offsets[ext] == index.offsets[ext]).all() and (walked.sizes[ext] == index.sizes[ext]).all()
+
+
+@FUZZ
+@given(changes=edits)
+def test_a_mutated_varied_shard_reads_as_tarfile_and_the_walk_read_it(varied: bytes, changes) -> None:
+    data = mutated(varied, changes)
+    index = ends_well(lambda: tario.index_shard(data, "fuzz.tar"))
+    walked = ends_well(lambda: _walk_only(data))
+    assert (index is None) == (walked is None)
+    if index is None:
+        return
+    reference = dict(_tarfile_members(data))
+    for i, key in enumerate(index.keys):  # type: ignore[attr-defined]
+        for ext in index.offsets:  # type: ignore[attr-defined]
+            found = index.member(ext, i)  # type: ignore[attr-defined]
+            if found is not None:
+                assert bytes(found) == reference[f"{key}.{ext}"]
+    assert walked.keys == index.keys and walked.labels_member == index.labels_member  # type: ignore[attr-defined]
 
 
 @FUZZ

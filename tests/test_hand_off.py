@@ -62,3 +62,25 @@ def test_buffers_are_reused_once_the_consumer_lets_go(shards: Path, monkeypatch:
 def test_without_workers_batches_are_plain_memory() -> None:
     buffer, slot = HandOffBuffers(0, 3).take(100)
     assert slot is None and buffer.numel() == 100 and not buffer.is_shared()
+
+
+def test_every_buffer_is_free_after_a_pass_whose_batches_were_let_go(shards: Path) -> None:
+    loader = make_loader(str(shards), batch_size=8, num_workers=2, seed=1)
+    for _ in range(2):
+        for _n in map(len, loader):  # each batch dropped as soon as it is counted
+            pass
+        assert not loader._recycler.busy.any() and not loader._recycler.pending
+    loader.close()
+    assert not loader._recycler.kept
+
+
+def test_torch_storage_use_count_says_when_only_the_kept_reference_is_left() -> None:
+    """The recycler keeps each buffer's storage and frees the buffer when that is its only
+    reference (a private torch API: this pins what it relies on)."""
+    kept = torch.empty(64, dtype=torch.uint8).untyped_storage()
+    count = torch._C._storage_Use_Count
+    assert count(kept._cdata) == 1
+    view = torch.empty(0, dtype=torch.uint8).set_(kept)[8:16].view(torch.int32)
+    assert count(kept._cdata) > 1
+    del view
+    assert count(kept._cdata) == 1

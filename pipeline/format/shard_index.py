@@ -17,6 +17,7 @@ from pipeline.errors import HeaderMismatchError, ShardFormatError, quoted
 from pipeline.format.header import HEADER_MEMBER, header_mismatch
 from pipeline.format.label_columns import LABELS_MEMBER
 from pipeline.format.tar_read import BLOCK, KEY_CHARS, REGULAR, Member, iter_members, member_key, read_tar_header
+from pipeline.format.tar_scan import scan_members
 
 _LABELS_NAME = LABELS_MEMBER.encode()
 
@@ -59,6 +60,7 @@ class _Columns:
         self.seen: set[str] = set()
         self.offsets: dict[str, list[int]] = {}
         self.sizes: dict[str, list[int]] = {}
+        self.labels_member: tuple[int, int] | None = None  # found by a scan
 
     def add(self, key: str, ext: str, start: int, size: int, where: str) -> None:
         if not self.keys or key != self.keys[-1]:
@@ -130,6 +132,8 @@ def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
                 uniform = uniform_index(data, url, columns, member.header_at)
                 if uniform is not None:
                     return uniform
+                if _scanned(data, url, columns, member.header_at):
+                    break
             columns.add(key, ext, member.start, member.size, f"{url}: tar header at byte {member.header_at}")
     except HeaderMismatchError:
         raise
@@ -137,7 +141,28 @@ def index_shard(data: bytes, url: str, expected_header: bytes | None = None, *,
         if not tolerant:
             raise
         return columns.index(url, data, error=str(e))
-    return columns.index(url, data, labels_member=labels_member)
+    return columns.index(url, data, labels_member=labels_member or columns.labels_member)
+
+
+def _scanned(data: bytes, url: str, columns: _Columns, second_start: int) -> bool:
+    """The members from the second sample's first header on added to ``columns`` from a scan
+    with array operations (:func:`scan_members`), if the scan accepts them all; False (and
+    ``columns`` untouched) otherwise, and the caller walks on."""
+    found = scan_members(data, second_start)
+    if found is None:
+        return False
+    names, starts, sizes = found
+    last = len(names) - 1 if names[-1] == LABELS_MEMBER else len(names)
+    if any(name in (HEADER_MEMBER, LABELS_MEMBER) for name in names[:last]):
+        return False  # the walk says what is wrong
+    headers = (starts - BLOCK).tolist()
+    for name, start, size, at in zip(names[:last], starts.tolist(), sizes.tolist(), headers, strict=False):
+        where = f"{url}: tar header at byte {at}"
+        key, ext = member_key(name, where)
+        columns.add(key, ext, start, size, where)
+    if last < len(names):
+        columns.labels_member = (int(starts[-1]), int(sizes[-1]))
+    return True
 
 
 _USTAR = np.frombuffer(b"ustar", np.uint8)

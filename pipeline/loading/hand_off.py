@@ -61,23 +61,48 @@ class HandOffBuffers:
 
 
 class Recycler:
-    """The main process's side: watches each received buffer and frees its slot for the
-    worker once nothing here refers to it."""
+    """The main process's side: frees a worker's buffer once nothing here refers to it.
+
+    Each buffer's storage is kept here once received, so torch maps a reused segment only
+    once (``rebuild_storage_fd`` finds it in its cache; mapping it anew each time made the
+    training loop fault in every page again, 30-50 µs a sample), and the buffer is free
+    when that kept reference is the only one left. Without torch's use count (a private
+    API, pinned by a test) a weak reference says when the storage is gone."""
 
     def __init__(self, busy: torch.Tensor) -> None:
         self.busy = busy.numpy()
-        self.pending: list[tuple[StorageWeakRef, Slot]] = []
+        self.kept: dict[Slot, torch.UntypedStorage] = {}
+        self.pending: list[tuple[Slot, Any]] = []
+        self.counted = hasattr(torch._C, "_storage_Use_Count")
 
     def watch(self, buffer: torch.Tensor, slot: Slot | list[int] | None) -> None:
-        """First free the slots no longer referred to, then watch ``buffer`` (received on
-        ``slot``)."""
+        """Free the buffers no longer referred to, then watch ``buffer``, received on ``slot``."""
+        self.release()
+        if slot is None:
+            return
+        worker, k = slot  # a tuple crosses the DataLoader's queue as a list
+        storage = buffer.untyped_storage()
+        if self.counted:
+            kept = self.kept.get((worker, k))
+            if kept is None or kept.data_ptr() != storage.data_ptr():
+                self.kept[(worker, k)] = kept = storage
+            self.pending.append(((worker, k), kept))
+        else:
+            self.pending.append(((worker, k), StorageWeakRef(storage)))
+        del storage
+
+    def release(self) -> None:
+        """Give back to their workers the buffers nothing here refers to any more."""
         still = []
-        for ref, (worker, k) in self.pending:
-            if ref.expired():
+        for (worker, k), ref in self.pending:
+            free = torch._C._storage_Use_Count(ref._cdata) == 1 if self.counted else ref.expired()
+            if free:
                 self.busy[worker, k] = 0
             else:
-                still.append((ref, (worker, k)))
+                still.append(((worker, k), ref))
         self.pending = still
-        if slot is not None:
-            worker, k = slot  # a tuple crosses the DataLoader's queue as a list
-            self.pending.append((StorageWeakRef(buffer.untyped_storage()), (worker, k)))
+
+    def reset(self) -> None:
+        """The workers are gone: no buffer is in use, and none will come back."""
+        self.busy[:] = 0
+        self.pending, self.kept = [], {}

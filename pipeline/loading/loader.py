@@ -75,6 +75,7 @@ class ShardLoader:
         return self._loader
 
     def __iter__(self) -> Iterator[Any]:
+        self._recycler.release()  # what the last pass's consumer has let go of
         self.stream.start(self.epoch, self._resume)
         self._done = self._resume
         with_keys = self.stream.with_keys
@@ -89,6 +90,8 @@ class ShardLoader:
                 if self._done == last:  # before the last batch: a trainer may stop asking after it
                     self.realized = self._realized(counts)
                 yield (images, fields, keys) if with_keys else (images, fields)
+            del group, fields, images
+        self._recycler.release()
         self.epoch, self._resume, self._done = self.epoch + 1, 0, 0
 
     def _groups(self) -> Iterator[Any]:
@@ -116,6 +119,7 @@ class ShardLoader:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        self._recycler.reset()
 
     def _realized(self, counts: np.ndarray) -> dict[str, int]:
         """This rank's samples per input in the epoch just read; logged against the plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,24 @@ def test_every_experiment_runs_fast_dev_run(tmp_path: Path, data_roots, experime
     assert any(k.startswith("val/") and k.endswith("_acc") for k in metrics)
 
 
+def test_the_imagenet_experiment_decodes_at_the_configured_size(tmp_path: Path, data_roots) -> None:
+    """``data.decode.size`` and the train/eval specs from the command line reach the loaders,
+    and the model is built for the decoded size."""
+    from hydra.utils import instantiate
+
+    from pipeline import DecodeSpec
+
+    cfg = config(tmp_path, "experiment=imagenet100_cnn", f"data.train={data_roots['imagenet100']}",
+                 "data.decode.size=40", "data.decode.train.scale=[0.2,1.0]", "data.batch_size=8")
+    datamodule = instantiate(cfg.data)
+    assert datamodule._train.stream.config.inputs[0].decode == DecodeSpec(40, crop="random", flip=True,
+                                                                          scale=(0.2, 1.0))
+    assert datamodule.val_dataloader().loader.stream.config.inputs[0].decode == DecodeSpec(40, crop="center")
+    assert (datamodule.input_image.height, datamodule.input_image.width) == (40, 40)
+    images, _ = next(iter(datamodule._train))
+    assert images.shape == (8, 3, 40, 40)
+
+
 def test_demo_settings_learn_every_head(tmp_path: Path) -> None:
     """Well above chance (1/13 and 1/9) after 3 epochs over 1024 samples."""
     root = vimh_shards(tmp_path, n_train=1024, n_test=256, size=16, channels=1)
@@ -76,6 +95,17 @@ def test_missing_head_labels_are_masked(data_roots) -> None:
     none_labelled = {"fine": labels["fine"], "coarse": torch.full((6,), -1)}
     loss = model.losses(outputs, none_labelled)["coarse"]
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_the_overrides_train_yaml_suggests_compose(tmp_path: Path) -> None:
+    """Every ``key=value`` override the comment of configs/train.yaml gives works as written;
+    a key the config lacks (a loss weight) needs ``+``."""
+    comment = "".join(line for line in (CONFIGS / "train.yaml").read_text().splitlines(True) if line.startswith("#"))
+    overrides = re.findall(r"`([+\w.]+=[^`]+)`", comment)
+    assert any("loss_weights" in o for o in overrides), overrides
+    for override in overrides:
+        config(tmp_path, override)  # a bad override raises ConfigCompositionException
+    assert config(tmp_path, "+model.loss_weights.note_velocity=2.0").model.loss_weights == {"note_velocity": 2.0}
 
 
 def test_unknown_loss_weight_is_refused(tmp_path: Path, data_roots) -> None:

@@ -86,6 +86,6 @@ bench: $(BENCH_STAMP) ## Benchmarks against webdataset, litdata and mosaicml-str
 test: $(STAMP) ## Run the test suite (add PYTEST_ARGS="-m slow" for the slow tests only)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff on everything; mypy on pipeline/, shard_tools/ and training/
+lint: $(STAMP) ## ruff on everything; mypy on pipeline/, shard_tools/, training/ and benchmarks/
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -44,7 +44,7 @@ def _wds_collate(batch: tuple[list[torch.Tensor], list[dict[str, int]]]) -> tupl
     return torch.stack(images), {k: torch.tensor([d[k] for d in labels]) for k in labels[0]}
 
 
-def webdataset_loader(root: Path) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+def webdataset_loader(root: Path) -> torch.utils.data.DataLoader:
     urls = sorted(str(p) for p in (root / "train").glob("*.tar"))
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), workersplitter=wds.split_by_worker, empty_check=False)
                .shuffle(2000).to_tuple("raw", "labels.msgpack").map(_wds_decode)

@@ -121,8 +121,8 @@ def write_section(summary: dict[str, Any], path: Path) -> Path:
         f"KB per JPEG), {jpeg['our_shards']} shards.", "", *results_table(summary, "jpeg256"), "",
         f"JPEG decode limit of this machine: on one core `torchvision.io.decode_jpeg` decodes "
         f"{_fmt(dl['torchvision_decode_jpeg_per_core'])} of these images/s, `simplejpeg` "
-        f"{_fmt(dl.get('simplejpeg_per_core', 0.0))}/s (Pillow: {_fmt(dl['pillow_per_core'])}/s); decoding alone, "
-        f"at the faster rate, {dl['workers']} workers cannot exceed about "
+        f"{_fmt(dl.get('simplejpeg_per_core', 0.0))}/s (Pillow: {_fmt(dl['pillow_per_core'])}/s); "
+        f"{dl['workers']} processes decoding with `simplejpeg` at the same time, and doing nothing else, reach "
         f"**{_fmt(dl['limit_samples_per_s'])} samples/s**. Ours reaches "
         f"{jpeg['results']['ours']['samples_per_s'] / dl['limit_samples_per_s']:.0%} of it.", "",
         "![Loader throughput](bench/loader.png)", "",
@@ -132,11 +132,10 @@ def write_section(summary: dict[str, Any], path: Path) -> Path:
         f"{m['versions']['torch']} (CPU), torchvision {m['versions']['torchvision']}. 1-minute load average "
         f"before the run: {m['load_average_1m']:.2f}. The benchmark's main process and its two workers share "
         "the two cores; the box is shared with other jobs. Exact versions are in the JSON.", "",
-        "### How to reproduce", "", "```sh",
-        "make bench                                            # parts 1 and 2",
-        f".venv/bin/python -m benchmarks.bench_loader          # full run, {summary['total_seconds'] / 60:.0f} "
+        "### How to reproduce", "", "```bash slow",
+        f"make bench      # part 2 is benchmarks.bench_loader: the full run, {summary['total_seconds'] / 60:.0f} "
         "min here",
-        ".venv/bin/python -m benchmarks.bench_loader --quick  # 12,000 + 1,000 samples, 2 rounds",
+        ".venv/bin/python -m benchmarks.bench_loader --quick --out out/bench   # 12,000 + 1,000 samples, 2 rounds",
         "```", "",
         "Work files go to a temporary directory removed at the end; `--out` (default `docs/bench`) gets "
         "`loader.json`, `loader.png` and this section as `loader_section.md`. `--no-s3` skips the moto part.", "",

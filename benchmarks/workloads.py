@@ -115,6 +115,17 @@ def make_jpeg(work: Path, n: int, kind: str = "256", seed: int = 0) -> Workload:
     return Workload(f"jpeg{kind}", f"{title}, 1 head", "jpg", shape, images, {"label": classes}, ours)
 
 
+def repeated_jpeg(w: Workload, out: Path, times: int) -> Path:
+    """Our shards of ``w``'s images ``times`` over (keys and labels made unique per copy): a
+    long epoch of the same images. Returns the shard root holding ``train/``."""
+    with ShardWriter(out / "train", jpeg_schema("256" if w.shape[1] else "varied"), max_samples=w.n) as writer:
+        for copy in range(times):
+            for i, (jpeg, c) in enumerate(zip(w.images, w.labels["label"].tolist(), strict=True)):
+                writer.write(f"{copy:02d}{i:08d}",
+                             [("jpg", jpeg), ("labels.msgpack", encode_labels({"label": {"class": c}}))])
+    return out
+
+
 def make_jpeg256(work: Path, n: int, seed: int = 0) -> Workload:
     return make_jpeg(work, n, "256", seed)
 

@@ -117,10 +117,10 @@ class BatchAssembler:
     def _decoded_into(self, refs: BatchRefs, u: np.ndarray, out: torch.Tensor) -> BatchRefs:
         """Each sample's image decoded straight into its slot of ``out``; a slot whose image
         does not decode takes a copy of a good one (skip), or the batch fails (raise)."""
-        bad = []
+        bad, slots = [], out.numpy()
         for j, (k, i) in enumerate(zip(refs.which.tolist(), refs.where.tolist(), strict=True)):
             try:
-                self.images.into(refs.shards[k], i, u[j], out[j])
+                self.images.into(refs.shards[k], i, u[j], slots[j])
             except BadImage as e:
                 self._fail(refs.shards[k], i, str(e))
                 bad.append(j)

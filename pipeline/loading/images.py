@@ -54,17 +54,17 @@ class InputImages:
             return raw_image(shard, i, stored)
         return self._decode_full(shard, i, stored)
 
-    def into(self, shard: DecodedShard, i: int, u: np.ndarray, out: torch.Tensor) -> None:
+    def into(self, shard: DecodedShard, i: int, u: np.ndarray, out: np.ndarray) -> None:
         """Sample ``i``'s image into ``out``, one (C, H, W) slot of a batch (BadImage if it
         does not decode); JPEG/PNG images are decoded straight into it (at a decode spec's
         size, or RGB images of a fixed size at their own)."""
         spec, stored = self.decode[shard.source], self.stored[shard.source]
         if spec is not None:
-            self._decode_at_size(shard, i, spec, u, out.numpy())
+            self._decode_at_size(shard, i, spec, u, out)
         elif stored.encoding != "raw" and stored.fixed_size and stored.channels == 3:
-            self._decode_stored_size(shard, i, stored, out.numpy())
+            self._decode_stored_size(shard, i, stored, out)
         else:
-            out.copy_(self.sample(shard, i, u))
+            np.copyto(out, self.sample(shard, i, u).numpy())
 
     def _decode_at_size(self, shard: DecodedShard, i: int, spec: DecodeSpec, u: np.ndarray, out: np.ndarray) -> None:
         stored = self.stored[shard.source]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import CheckpointError, Head, PipelineError, SchemaError, ShardFormatError
+from pipeline import CheckpointError, ConfigError, Head, PipelineError, SchemaError, ShardFormatError
 from tests.fakes import class_shards, vimh_shards
 from tests.test_training import config
 from training.checkpoints import load_checkpoint
@@ -88,12 +88,12 @@ def test_data_settings_on_the_command_line_replace_the_runs(tmp_path: Path, root
 
 
 def test_settings_the_runs_datamodule_lacks_and_unknown_splits_are_refused(tmp_path: Path, checkpoint) -> None:
-    with pytest.raises(PipelineError, match=r"data: \['nope'\]: the run's datamodule "
+    with pytest.raises(ConfigError, match=r"data: \['nope'\]: the run's datamodule "
                                             r"training.datamodule.MultiheadDataModule has no such setting"):
         evaluate(config(tmp_path, f"ckpt_path={checkpoint}", "+data.nope=1", name="eval"))
-    with pytest.raises(PipelineError, match=r"data: \['sources'\]: .* has no such setting"):
+    with pytest.raises(ConfigError, match=r"data: \['sources'\]: .* has no such setting"):
         evaluate(config(tmp_path, f"ckpt_path={checkpoint}", "data.sources=[]", name="eval"))
-    with pytest.raises(PipelineError, match=r"split: expected one of \['test', 'val', 'train'\], found 'dev'"):
+    with pytest.raises(ConfigError, match=r"split: expected one of \['test', 'val', 'train'\], found 'dev'"):
         evaluate(config(tmp_path, f"ckpt_path={checkpoint}", "split=dev", name="eval"))
 
 
@@ -173,7 +173,7 @@ def test_a_checkpoint_naming_other_code_is_refused(tmp_path: Path, checkpoint, k
         node["_target_"] = target
 
     path = resaved(checkpoint, tmp_path / "other.ckpt", change)
-    with pytest.raises(PipelineError, match=rf"{re.escape(str(path))}: {key}._target_: expected a module, backbone, "
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: {key}._target_: expected a module, backbone, "
                                             rf".* found '{re.escape(target)}'"):
         evaluate(config(tmp_path, f"ckpt_path={path}", name="eval"))
 
@@ -197,9 +197,9 @@ def test_a_checkpoint_without_its_run_config_takes_model_and_data_from_the_comma
         del ckpt["hyper_parameters"]["config"], ckpt["hyper_parameters"]["image"]
 
     path = f"ckpt_path={resaved(checkpoint, tmp_path / 'old.ckpt', forget)}"
-    with pytest.raises(PipelineError, match=r"old.ckpt: the checkpoint holds no model config .* expected model="):
+    with pytest.raises(CheckpointError, match=r"old.ckpt: the checkpoint holds no model config .* expected model="):
         evaluate(config(tmp_path, path, name="eval"))
-    with pytest.raises(PipelineError, match=r"old.ckpt: the checkpoint does not say where its data is"):
+    with pytest.raises(CheckpointError, match=r"old.ckpt: the checkpoint does not say where its data is"):
         evaluate(config(tmp_path, path, "model=simple_cnn", name="eval"))
     summary = evaluate(config(tmp_path, path, "model=simple_cnn", f"data.train={roots['vimh']}", name="eval"))
     assert summary["heads"]["note_velocity"]["samples"] == 32
@@ -210,7 +210,7 @@ def test_weights_that_do_not_fit_the_saved_model_config_are_a_project_error(tmp_
         ckpt["hyper_parameters"]["config"]["model"]["backbone"]["widths"] = [8, 8, 8]
 
     path = resaved(checkpoint, tmp_path / "narrow.ckpt", narrower)
-    with pytest.raises(PipelineError, match=r"narrow.ckpt: the weights do not fit the model built from the run's "
+    with pytest.raises(CheckpointError, match=r"narrow.ckpt: the weights do not fit the model built from the run's "
                                             r"model config: .*size mismatch"):
         evaluate(config(tmp_path, f"ckpt_path={path}", name="eval"))
 

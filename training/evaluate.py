@@ -21,7 +21,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from pipeline import DatasetSchema, ImageSpec, PipelineError, SchemaError
+from pipeline import CheckpointError, ConfigError, DatasetSchema, ImageSpec, PipelineError, SchemaError
 from pipeline.format.schema import check_same_heads
 from training.checkpoints import checkpoint_config, checkpoint_image, checkpoint_schema, load_checkpoint
 from training.confusion import ConfusionMatrices, plot_confusion
@@ -46,12 +46,12 @@ def check_same_image(trained: ImageSpec | None, data: ImageSpec, path: str) -> I
 
 
 def load_weights(model: MultiheadModule, checkpoint: dict[str, Any], path: str) -> None:
-    """The checkpoint's weights into ``model``; PipelineError if they do not fit it."""
+    """The checkpoint's weights into ``model``; CheckpointError if they do not fit it."""
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as e:
-        raise PipelineError(f"{path}: the weights do not fit the model built from the run's model config: "
-                            f"{' '.join(str(e).split())[:600]}") from e
+        raise CheckpointError(f"{path}: the weights do not fit the model built from the run's model config: "
+                              f"{' '.join(str(e).split())[:600]}") from e
 
 
 def rebuild(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> tuple[MultiheadModule, Any]:
@@ -91,7 +91,7 @@ def summarize(schema: DatasetSchema, results: Mapping[str, float], counts: dict[
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates ``cfg.ckpt_path`` on ``cfg.split``; returns (and writes) the summary."""
     if cfg.split not in SPLITS:
-        raise PipelineError(f"split: expected one of {list(SPLITS)}, found {cfg.split!r}")
+        raise ConfigError(f"split: expected one of {list(SPLITS)}, found {cfg.split!r}")
     path = str(cfg.ckpt_path)
     checkpoint = load_checkpoint(path)
     model, datamodule = rebuild(cfg, checkpoint, path)

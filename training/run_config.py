@@ -20,7 +20,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline import PipelineError
+from pipeline import CheckpointError, ConfigError
 
 SECRET_KEYS = frozenset({"storage_options"})
 SAFE_MODULES = ("training.", "torch.optim.", "torchvision.transforms.")
@@ -56,7 +56,7 @@ def _locate(target: str) -> Any:
 
 
 def check_targets(config: Any, path: str, where: str) -> None:
-    """PipelineError unless every ``_target_`` in ``config`` (from checkpoint ``path``) names
+    """CheckpointError unless every ``_target_`` in ``config`` (from checkpoint ``path``) names
     a class of a safe kind in a safe module."""
     if isinstance(config, list):
         for i, item in enumerate(config):
@@ -68,9 +68,9 @@ def check_targets(config: Any, path: str, where: str) -> None:
     if target is not None:
         found = _locate(target) if isinstance(target, str) and target.startswith(SAFE_MODULES) else None
         if not (inspect.isclass(found) and issubclass(found, SAFE_KINDS)):
-            raise PipelineError(f"{path}: {where}._target_: expected a module, backbone, optimizer, scheduler, "
-                                f"datamodule or transform class from {', '.join(SAFE_MODULES)}, found {target!r}; "
-                                "if you trust the checkpoint, give that config on the command line")
+            raise CheckpointError(f"{path}: {where}._target_: expected a module, backbone, optimizer, scheduler, "
+                                  f"datamodule or transform class from {', '.join(SAFE_MODULES)}, found {target!r}; "
+                                  "if you trust the checkpoint, give that config on the command line")
     for key, value in config.items():
         check_targets(value, path, f"{where}.{key}")
 
@@ -85,16 +85,16 @@ def eval_data_config(saved: Mapping[str, Any] | None, given: Mapping[str, Any], 
     target = given.get("_target_", base.get("_target_"))
     found = _locate(target) if isinstance(target, str) else None
     if not inspect.isclass(found):
-        raise PipelineError(f"{path}: data._target_: expected a datamodule class, found {target!r}")
+        raise CheckpointError(f"{path}: data._target_: expected a datamodule class, found {target!r}")
     accepted = set(inspect.signature(found).parameters) | {"_target_"}
     unknown = sorted(set(given) - accepted)
     if unknown:
-        raise PipelineError(f"data: {unknown}: the run's datamodule {target} has no such setting; "
-                            f"expected some of {sorted(accepted)}")
+        raise ConfigError(f"data: {unknown}: the run's datamodule {target} has no such setting; "
+                          f"expected some of {sorted(accepted)}")
     merged = {**base, **given}
     if "train" not in merged and "sources" not in merged:
-        raise PipelineError(f"{path}: the checkpoint does not say where its data is (no saved data config): "
-                            "expected data.train=... on the command line")
+        raise CheckpointError(f"{path}: the checkpoint does not say where its data is (no saved data config): "
+                              "expected data.train=... on the command line")
     return merged
 
 
@@ -103,8 +103,8 @@ def eval_model_config(saved: Mapping[str, Any] | None, chosen: Any, path: str) -
     if chosen is not None:
         return dict(plain(chosen))
     if not saved:
-        raise PipelineError(f"{path}: the checkpoint holds no model config (saved before runs kept theirs): "
-                            "expected model=<the run's model config> and the run's model.* overrides")
+        raise CheckpointError(f"{path}: the checkpoint holds no model config (saved before runs kept theirs): "
+                              "expected model=<the run's model config> and the run's model.* overrides")
     config = dict(saved)
     check_targets(config, path, "model")
     return config

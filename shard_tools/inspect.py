@@ -25,7 +25,8 @@ def summarize(source: str | Sequence[str], storage_options: dict[str, Any] | Non
             samples = shards.manifest.num_samples
         else:
             samples = sum(1 for url in shards.urls for _ in iter_shard(url, storage_options))
-        out.append({"split": shards.label, "schema": schema.to_dict(), "image": schema.image.describe(),
+        label = schema.split if shards.listed_dir else shards.label  # a split directory without its manifest
+        out.append({"split": label, "schema": schema.to_dict(), "image": schema.image.describe(),
                     "shards": len(shards.urls), "samples": samples, "incomplete": shards.incomplete})
     return out
 

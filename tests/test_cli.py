@@ -73,6 +73,17 @@ def test_inspect_names_varying_sizes_and_shows_whole_head_names(tmp_path: Path, 
     assert "image (varying)x3 jpg HWC" in out and "None" not in out
 
 
+def test_inspect_names_a_split_without_manifest_by_its_split_and_warns(tmp_path: Path, capsys) -> None:
+    assert main(["generate", str(tmp_path / "src"), "--format", "vimh"]) == 0
+    assert main(["convert", "vimh", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    (tmp_path / "out" / "train" / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "[train]: " in out and "[test]: " in out and f"[{tmp_path}" not in out
+    assert f"warning: {tmp_path / 'out' / 'train'}: no manifest.json" in out
+
+
 def test_grid_captions_show_class_names_and_values() -> None:
     from pipeline import DatasetSchema, Head, ImageSpec
     from shard_tools.inspect import _caption

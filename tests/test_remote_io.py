@@ -61,6 +61,38 @@ def test_transient_errors_are_retried_with_backoff(flaky, caplog) -> None:
     assert caplog.text.count("retry") == 2
 
 
+class HiddenTimeoutFileSystem(MemoryFileSystem):
+    """Fails the first ``failures`` opens the way s3fs 2025's ``S3File._fetch_range`` turns a
+    read timeout into: an IndexError raised while handling an ``FSTimeoutError`` without args."""
+
+    protocol = "hiddentimeout"
+    failures = 0
+
+    def _open(self, path, mode="rb", **kwargs):  # type: ignore[no-untyped-def]
+        if HiddenTimeoutFileSystem.failures > 0:
+            HiddenTimeoutFileSystem.failures -= 1
+            from fsspec.exceptions import FSTimeoutError
+
+            try:
+                raise FSTimeoutError
+            except OSError as ex:
+                ex.args[0]  # s3fs: `if ex.args[0] == errno.EINVAL ...`
+        return super()._open(path, mode, **kwargs)
+
+
+def test_a_read_timeout_that_s3fs_hides_in_an_index_error_is_retried(caplog) -> None:
+    fsspec.register_implementation("hiddentimeout", HiddenTimeoutFileSystem, clobber=True)
+    with fsspec.open("hiddentimeout://bucket/shard.tar", "wb") as f:
+        f.write(b"shard bytes")
+    HiddenTimeoutFileSystem.failures = 1
+    assert read_shard("hiddentimeout://bucket/shard.tar", retries=2, backoff=0.01) == b"shard bytes"
+    assert caplog.text.count("retry") == 1
+    HiddenTimeoutFileSystem.failures = 5
+    with pytest.raises(ShardFormatError, match=r"hiddentimeout://bucket/shard.tar: read failed after 2 attempts "
+                                               r"\(FSTimeoutError\)"):
+        read_shard("hiddentimeout://bucket/shard.tar", retries=1, backoff=0.01)
+
+
 def test_persistent_errors_give_up_with_the_url(flaky) -> None:
     FlakyFileSystem.failures = 10
     with pytest.raises(ShardFormatError, match=r"flaky://bucket/shard.tar: read failed after 3 attempts "

@@ -132,20 +132,28 @@ def _fetch(url: str, storage_options: dict[str, Any], retries: int, backoff: flo
             except (FileNotFoundError, IsADirectoryError, PermissionError):
                 raise
             except REMOTE_ERRORS as e:
+                why = str(e) or type(e).__name__  # a timeout may say nothing
                 if attempt == retries:
                     raise ShardFormatError(f"{url}: read failed after {retries + 1} attempts "
-                                           f"({e}){_s3_hint(url, storage_options)}") from e
+                                           f"({why}){_s3_hint(url, storage_options)}") from e
                 delay = backoff * 2**attempt
-                log.warning("%s: read failed (%s); retry %d/%d in %.1fs", url, e, attempt + 1, retries, delay)
+                log.warning("%s: read failed (%s); retry %d/%d in %.1fs", url, why, attempt + 1, retries, delay)
                 time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _read_whole(url: str, storage_options: dict[str, Any]) -> bytes:
     fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb") as f:
-        data: bytes = f.read()
-        return data
+    try:
+        with fs.open(path, "rb") as f:
+            data: bytes = f.read()
+            return data
+    except IndexError as e:
+        # s3fs's S3File._fetch_range reads ``ex.args[0]`` of the FSTimeoutError a read timeout
+        # raises, which has no args: the timeout is what went wrong, and it is retried
+        if isinstance(e.__context__, TimeoutError):
+            raise e.__context__ from e
+        raise
 
 
 def _file_kind(mode: int) -> str:

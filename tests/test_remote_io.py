@@ -62,7 +62,7 @@ def test_transient_errors_are_retried_with_backoff(flaky, caplog) -> None:
 
 
 class HiddenTimeoutFileSystem(MemoryFileSystem):
-    """Fails the first ``failures`` opens the way s3fs 2025's ``S3File._fetch_range`` turns a
+    """Fails the first ``failures`` opens the way s3fs 2026.9's ``S3File._fetch_range`` turns a
     read timeout into: an IndexError raised while handling an ``FSTimeoutError`` without args."""
 
     protocol = "hiddentimeout"

@@ -93,6 +93,20 @@ def test_a_read_timeout_that_s3fs_hides_in_an_index_error_is_retried(caplog) -> 
         read_shard("hiddentimeout://bucket/shard.tar", retries=1, backoff=0.01)
 
 
+def test_a_hidden_read_timeout_of_a_manifest_or_header_is_a_project_error() -> None:
+    from pipeline.errors import ManifestError
+    from pipeline.io.reading import read_header, read_manifest
+
+    fsspec.register_implementation("hiddentimeout", HiddenTimeoutFileSystem, clobber=True)
+    HiddenTimeoutFileSystem.failures = 1
+    with pytest.raises(ManifestError, match=r"hiddentimeout://bucket/manifest.json: unreachable \(FSTimeoutError\)"):
+        read_manifest("hiddentimeout://bucket/manifest.json")
+    HiddenTimeoutFileSystem.failures = 1
+    with pytest.raises(ShardFormatError, match=r"hiddentimeout://bucket/a.tar: unreachable \(FSTimeoutError\)"):
+        read_header("hiddentimeout://bucket/a.tar")
+    HiddenTimeoutFileSystem.failures = 0
+
+
 def test_persistent_errors_give_up_with_the_url(flaky) -> None:
     FlakyFileSystem.failures = 10
     with pytest.raises(ShardFormatError, match=r"flaky://bucket/shard.tar: read failed after 3 attempts "

@@ -102,7 +102,19 @@ def remote_errors(url: str, error: type[PipelineError], what: str = "shard",
         raise error(f"{url}: access denied ({e}); check the credentials{_s3_hint(url, options)}") from e
     except REMOTE_ERRORS as e:
         lost = "no credentials" if type(e).__name__ == "NoCredentialsError" else "unreachable"
-        raise error(f"{url}: {lost} ({e}){_s3_hint(url, options)}") from e
+        raise error(f"{url}: {lost} ({str(e) or type(e).__name__}){_s3_hint(url, options)}") from e
+    except IndexError as e:
+        timeout = _hidden_timeout(e)
+        if timeout is None:
+            raise
+        raise error(f"{url}: unreachable ({type(timeout).__name__}){_s3_hint(url, options)}") from e
+
+
+def _hidden_timeout(e: IndexError) -> TimeoutError | None:
+    """The read timeout an IndexError hides, if it hides one: s3fs 2026.9's
+    ``S3File._fetch_range`` reads ``ex.args[0]`` of the ``FSTimeoutError`` a read timeout
+    raises, which has no args."""
+    return e.__context__ if isinstance(e.__context__, TimeoutError) else None
 
 
 def is_remote(url: str) -> bool:
@@ -149,11 +161,10 @@ def _read_whole(url: str, storage_options: dict[str, Any]) -> bytes:
             data: bytes = f.read()
             return data
     except IndexError as e:
-        # s3fs's S3File._fetch_range reads ``ex.args[0]`` of the FSTimeoutError a read timeout
-        # raises, which has no args: the timeout is what went wrong, and it is retried
-        if isinstance(e.__context__, TimeoutError):
-            raise e.__context__ from e
-        raise
+        timeout = _hidden_timeout(e)
+        if timeout is None:
+            raise
+        raise timeout from e  # retried like any other timeout
 
 
 def _file_kind(mode: int) -> str:

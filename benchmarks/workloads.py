@@ -106,24 +106,27 @@ def make_jpeg(work: Path, n: int, kind: str = "256", seed: int = 0) -> Workload:
     sides of 160-500 px (image ``i`` depends only on ``seed`` and ``i``; made on every core)."""
     images = photo_set_parallel(kind, n, seed=seed, processes=os.cpu_count() or 1)
     classes = np.random.default_rng([seed, n]).integers(0, JPEG_CLASSES, n).astype(np.int64)
-    ours = work / f"jpeg{kind}-ours"
-    with ShardWriter(ours / "train", jpeg_schema(kind), max_samples=-(-n // JPEG_SHARDS)) as writer:
-        for i, (jpeg, c) in enumerate(zip(images, classes.tolist(), strict=True)):
-            writer.write(f"{i:08d}", [("jpg", jpeg), ("labels.msgpack", encode_labels({"label": {"class": c}}))])
+    ours = write_jpeg_shards(work / f"jpeg{kind}-ours", kind, images, classes, -(-n // JPEG_SHARDS))
     title = f"{JPEG_SIZE}x{JPEG_SIZE} RGB JPEG" if kind == "256" else "RGB JPEG, sides 160-500 px"
     shape = (3, JPEG_SIZE, JPEG_SIZE) if kind == "256" else (3, 0, 0)
     return Workload(f"jpeg{kind}", f"{title}, 1 head", "jpg", shape, images, {"label": classes}, ours)
 
 
-def repeated_jpeg(w: Workload, out: Path, times: int) -> Path:
-    """Our shards of ``w``'s images ``times`` over (keys and labels made unique per copy): a
-    long epoch of the same images. Returns the shard root holding ``train/``."""
-    with ShardWriter(out / "train", jpeg_schema("256" if w.shape[1] else "varied"), max_samples=w.n) as writer:
+def write_jpeg_shards(out: Path, kind: str, images: list[bytes], classes: np.ndarray, max_samples: int,
+                      times: int = 1) -> Path:
+    """Our shards of ``images`` with their classes, ``times`` over (keys unique per copy);
+    returns the shard root holding ``train/``."""
+    with ShardWriter(out / "train", jpeg_schema(kind), max_samples=max_samples) as writer:
         for copy in range(times):
-            for i, (jpeg, c) in enumerate(zip(w.images, w.labels["label"].tolist(), strict=True)):
-                writer.write(f"{copy:02d}{i:08d}",
-                             [("jpg", jpeg), ("labels.msgpack", encode_labels({"label": {"class": c}}))])
+            for i, (jpeg, c) in enumerate(zip(images, classes.tolist(), strict=True)):
+                key = f"{i:08d}" if times == 1 else f"{copy:02d}{i:08d}"
+                writer.write(key, [("jpg", jpeg), ("labels.msgpack", encode_labels({"label": {"class": c}}))])
     return out
+
+
+def repeated_jpeg(w: Workload, out: Path, times: int) -> Path:
+    """Our shards of ``w``'s images ``times`` over: a long epoch of the same images."""
+    return write_jpeg_shards(out, w.name.removeprefix("jpeg"), w.images, w.labels["label"], w.n, times)
 
 
 def make_jpeg256(work: Path, n: int, seed: int = 0) -> Workload:

@@ -100,14 +100,19 @@ def test_a_mutated_shard_reads_as_tarfile_reads_it(real, changes) -> None:
     index = ends_well(lambda: tario.index_shard(data, "fuzz.tar"))
     if index is None:
         return
-    reference = dict(_tarfile_members(data))
-    for i, key in enumerate(index.keys):  # type: ignore[attr-defined]
-        for ext in index.offsets:  # type: ignore[attr-defined]
-            found = index.member(ext, i)  # type: ignore[attr-defined]
-            if found is not None:
-                assert bytes(found) == reference[f"{key}.{ext}"]
+    _assert_members_are_tarfiles(index, data)
     walked = _walk_only(data)
     assert walked.keys == index.keys  # type: ignore[attr-defined]
+
+
+def _assert_members_are_tarfiles(index: tario.ShardIndex, data: bytes) -> None:
+    """Every member the index gives is the bytes ``tarfile`` reads under that name."""
+    reference = dict(_tarfile_members(data))
+    for i, key in enumerate(index.keys):
+        for ext in index.offsets:
+            found = index.member(ext, i)
+            if found is not None:
+                assert bytes(found) == reference[f"{key}.{ext}"]
 
 
 def _walk_only(data: bytes) -> tario.ShardIndex:
@@ -160,12 +165,7 @@ def test_a_mutated_varied_shard_reads_as_tarfile_and_the_walk_read_it(varied: by
     assert (index is None) == (walked is None)
     if index is None:
         return
-    reference = dict(_tarfile_members(data))
-    for i, key in enumerate(index.keys):  # type: ignore[attr-defined]
-        for ext in index.offsets:  # type: ignore[attr-defined]
-            found = index.member(ext, i)  # type: ignore[attr-defined]
-            if found is not None:
-                assert bytes(found) == reference[f"{key}.{ext}"]
+    _assert_members_are_tarfiles(index, data)
     assert walked.keys == index.keys and walked.labels_member == index.labels_member  # type: ignore[attr-defined]
 
 

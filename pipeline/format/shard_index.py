@@ -17,7 +17,7 @@ from pipeline.errors import HeaderMismatchError, ShardFormatError, quoted
 from pipeline.format.header import HEADER_MEMBER, header_mismatch
 from pipeline.format.label_columns import LABELS_MEMBER
 from pipeline.format.tar_read import BLOCK, KEY_CHARS, REGULAR, Member, iter_members, member_key, read_tar_header
-from pipeline.format.tar_scan import scan_members
+from pipeline.format.tar_scan import CHECKSUM_DIGITS, SIZE_DIGITS, scan_members
 
 _LABELS_NAME = LABELS_MEMBER.encode()
 
@@ -165,9 +165,6 @@ def _scanned(data: bytes, url: str, columns: _Columns, second_start: int) -> boo
     return True
 
 
-_USTAR = np.frombuffer(b"ustar", np.uint8)
-_DIGITS = 8 ** np.arange(10, -1, -1, dtype=np.int64)
-_CHECKSUM_DIGITS = 8 ** np.arange(5, -1, -1, dtype=np.int64)
 _KEY_CHARS = np.zeros(256, dtype=bool)
 _KEY_CHARS[list(KEY_CHARS)] = True
 
@@ -196,7 +193,7 @@ def _rows_sound(rows: np.ndarray, key_length: int) -> np.ndarray:
     fixed = first.view(np.uint64) & mask
     columns = np.r_[0:key_length, _VARYING]
     reference = int(first[columns[:-6]].sum(dtype=np.int64))  # key and size digits: what differs
-    reference -= int((first[148:154].astype(np.int64) - ord("0")) @ _CHECKSUM_DIGITS)
+    reference -= int((first[148:154].astype(np.int64) - ord("0")) @ CHECKSUM_DIGITS)
     same = np.empty(len(rows), dtype=bool)
     for start in range(0, len(rows), _CHUNK):
         chunk = np.ascontiguousarray(rows[start:start + _CHUNK])
@@ -205,7 +202,7 @@ def _rows_sound(rows: np.ndarray, key_length: int) -> np.ndarray:
         ok &= _KEY_CHARS[varying[:, :key_length]].all(axis=1)
         digits = varying[:, key_length:] - np.uint8(ord("0"))  # wraps below '0': then >= 8
         ok &= (digits < 8).all(axis=1)
-        checksum = digits[:, -6:].astype(np.int64) @ _CHECKSUM_DIGITS  # the first row's was checked by the walk
+        checksum = digits[:, -6:].astype(np.int64) @ CHECKSUM_DIGITS  # the first row's was checked by the walk
         same[start:start + _CHUNK] = ok & (varying[:, :-6].sum(axis=1, dtype=np.int64) - checksum == reference)
     return same
 
@@ -227,7 +224,7 @@ def uniform_index(data: bytes, url: str, first: _Columns, second_start: int) -> 
         rows = table[:, at:at + BLOCK]
         valid &= _rows_sound(rows, key_length)
         valid &= (rows[:, :key_length] == table[:, :key_length]).all(axis=1)  # one key per sample
-        size = (rows[:, 124:135].astype(np.int64) - ord("0")) @ _DIGITS
+        size = (rows[:, 124:135].astype(np.int64) - ord("0")) @ SIZE_DIGITS
         valid &= -(-size // BLOCK) == -(-int(first.sizes[ext][0]) // BLOCK)
         offsets[ext], sizes[ext] = first_header + BLOCK + at + np.arange(count, dtype=np.int64) * stride, size
     count = int(np.argmin(valid)) if not valid.all() else count

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pipeline.errors import ShardFormatError, quoted
 
 BLOCK = 512
-_ZERO_BLOCK = bytes(BLOCK)
+ZERO_BLOCK = bytes(BLOCK)  # two of them end an archive
 REGULAR = (ord("0"), 0)  # "0", and NUL as old tars write it
 PAX, PAX_GLOBAL, GNU_LONG_NAME, GNU_LONG_LINK = ord("x"), ord("g"), ord("L"), ord("K")
 _METADATA = (PAX, PAX_GLOBAL, GNU_LONG_NAME, GNU_LONG_LINK)
@@ -139,7 +139,7 @@ def iter_members(buf: bytes, url: str) -> Iterator[Member]:
     long_name: str | None = None
     pax_size: int | None = None
     while pos + BLOCK <= end:
-        if buf[pos] == 0 and buf[pos:pos + BLOCK] == _ZERO_BLOCK:
+        if buf[pos] == 0 and buf[pos:pos + BLOCK] == ZERO_BLOCK:
             return
         raw_name, size, typeflag = read_tar_header(buf, pos, url)
         where = f"{url}: tar header at byte {pos}"

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.format.tar_read import BLOCK
+from pipeline.format.tar_read import BLOCK, REGULAR, ZERO_BLOCK
 
-_ZERO_BLOCK = bytes(BLOCK)
 _USTAR = np.frombuffer(b"ustar", np.uint8)
-_SIZE_DIGITS = 8 ** np.arange(10, -1, -1, dtype=np.int64)
-_CHECKSUM_DIGITS = 8 ** np.arange(5, -1, -1, dtype=np.int64)
-_REGULAR = np.array([ord("0"), 0], dtype=np.uint8)
+SIZE_DIGITS = 8 ** np.arange(10, -1, -1, dtype=np.int64)  # weights of a size field's 11 octal digits
+CHECKSUM_DIGITS = 8 ** np.arange(5, -1, -1, dtype=np.int64)  # and of a checksum field's 6
+_REGULAR = np.array(REGULAR, dtype=np.uint8)
 _CHUNK = 2048  # header rows checked at a time
 
 
@@ -32,7 +31,7 @@ def _hop(data: bytes, start: int) -> tuple[list[int], int] | None:
             return None
         headers.append(pos)
         pos += BLOCK + -(-size // BLOCK) * BLOCK
-    if pos + BLOCK > end or data[pos:pos + BLOCK] != _ZERO_BLOCK:
+    if pos + BLOCK > end or data[pos:pos + BLOCK] != ZERO_BLOCK:
         return None
     return headers, pos
 
@@ -46,8 +45,8 @@ def _rows_plain(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ok &= (digits < 8).all(axis=1) & (rows[:, 135] == 0) & (sums < 8).all(axis=1)
     ok &= (rows[:, 154] == 0) & (rows[:, 155] == ord(" "))
     total = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
-    ok &= total == sums.astype(np.int64) @ _CHECKSUM_DIGITS
-    return ok, digits.astype(np.int64) @ _SIZE_DIGITS
+    ok &= total == sums.astype(np.int64) @ CHECKSUM_DIGITS
+    return ok, digits.astype(np.int64) @ SIZE_DIGITS
 
 
 def scan_members(data: bytes, start: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
